@@ -1,0 +1,77 @@
+"""RefSegRS (referring segmentation) from its native layout.
+
+  output_phrase_{train,val,test}.txt   lines '<id> <phrase>' (the phrase may contain spaces)
+  images/<id>.tif                      the image (re-encoded as PNG: tfds stores PNG/JPEG)
+  masks/<id>.tif                       255 = foreground, every other value background
+
+Each line is one example (id '<split>_<line number>_<id>': one image id may appear on several lines).
+Answer (training target; the source has no [SEG]): '<p>{phrase}</p>[SEG]'.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tfds_laserss import common
+
+SPLITS = ("train", "val", "test")
+
+
+def phrase_file(root: str, split: str) -> str:
+  return os.path.join(root, f"output_phrase_{split}.txt")
+
+
+def parse_line(line: str):
+  """'<id> <phrase>' -> (id, phrase) or None for a line without a phrase."""
+  parts = line.strip().split(None, 1)
+  if len(parts) != 2 or not parts[1].strip():
+    return None
+  return parts[0], parts[1].strip()
+
+
+class Refsegrs(common.Builder):
+  """RefSegRS referring segmentation (train/val/test)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Native layout; one example per phrase line."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Unpack RefSegRS so that manual_dir holds output_phrase_{train,val,test}.txt, images/ and masks/.")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__,
+        features=tfds.features.FeaturesDict(common.core_features(source_id=tfds.features.Text())),
+        homepage="https://github.com/zhu-xlab/rrsis")
+
+  def _split_generators(self, dl_manager):
+    root = self._manual_dir(dl_manager)
+    splits = {s: self._generate_examples(root, s) for s in SPLITS if os.path.isfile(phrase_file(root, s))}
+    if not splits:
+      raise common.UserError(f"refsegrs: no output_phrase_{{train,val,test}}.txt in {root}")
+    return splits
+
+  def _generate_examples(self, root, split):
+    path = phrase_file(root, split)
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      parsed = parse_line(line)
+      try:
+        if parsed is None:
+          raise common.BadRecord(path, f"line {n}", "phrase", f"expected '<id> <phrase>', got {line!r}")
+        sid, phrase = parsed
+        image, h, w = common.read_image(os.path.join(root, "images", f"{sid}.tif"), sid, "image")
+        mpath = os.path.join(root, "masks", f"{sid}.tif")
+        raw = common.read_gray(mpath, sid, "mask")
+        common.check_mask_size(raw, h, w, mpath, sid, "mask")
+      except common.BadRecord as e:
+        self.policy.handle(e, split)
+        continue
+      key = f"{split}_{n}_{sid}"
+      yield key, dict(
+          image=image, masks=[common.mask_png((raw == 255).astype(np.uint8))], instruction=phrase,
+          answer=common.seg_answer(phrase), id=key, image_name=f"{sid}.tif", no_target=False, source_id=sid)
