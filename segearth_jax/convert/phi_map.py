@@ -91,7 +91,7 @@ def lora_config_of(adapter_dir: str) -> LoraConfig:
   with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
     a = json.load(f)
   return LoraConfig(rank=a["r"], alpha=float(a["lora_alpha"]), dropout=float(a.get("lora_dropout", 0.0)),
-                    targets=tuple(a["target_modules"]))
+                    targets=tuple(sorted(a["target_modules"])))
 
 
 def export_phi(params: Mapping, out_dir: str, config: PhiConfig, *, lora: LoraConfig | None = None,
