@@ -1,0 +1,98 @@
+"""Ahead-of-time compile of the real sharded train step for a TPU slice, on a CPU host.
+
+Needs libtpu (`pip install -e .[tpu]`); no TPU is touched: `jax.experimental.topologies` describes the
+slice, the step is lowered with the config's mesh over those devices and compiled by libtpu's compiler.
+Reports per-chip memory (arguments, outputs, temporaries) from the executable and FLOPs (XLA's count,
+which sees a scanned layer once, and the formula in flops.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+# per-chip HBM (GiB) and the host block of chips used by the topology description
+TPU_CHIPS = {
+    "v4": dict(hbm_gib=32, chips_per_host=(2, 2, 1), platform_kind="TPU v4"),
+    "v5e": dict(hbm_gib=16, chips_per_host=(2, 2, 1), platform_kind="TPU v5 lite"),
+    "v5p": dict(hbm_gib=95, chips_per_host=(2, 2, 1), platform_kind="TPU v5"),
+    "v6e": dict(hbm_gib=32, chips_per_host=(2, 2, 1), platform_kind="TPU v6 lite"),
+}
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+  from segearth_jax.errors import UserError
+  try:
+    gen, dims = topology.split(":")
+    shape = tuple(int(x) for x in dims.lower().split("x"))
+  except ValueError:
+    raise UserError(f"--topology {topology!r}: expected GEN:AxB[xC], e.g. v5p:4x4x4 or v5e:16x16")
+  if gen not in TPU_CHIPS:
+    raise UserError(f"--topology {topology!r}: unknown TPU generation {gen!r}; known: {sorted(TPU_CHIPS)}")
+  return gen, shape
+
+
+def topology_devices(topology: str):
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from jax.experimental import topologies
+
+  gen, shape = parse_topology(topology)
+  bounds = TPU_CHIPS[gen]["chips_per_host"]
+  if len(shape) == 2:
+    bounds = bounds[:2] + (1,)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                        chips_per_host_bounds=bounds, num_slices=1,
+                                        wrap=(False,) * 3)
+  except Exception as e:  # no libtpu, or a name libtpu does not know
+    from segearth_jax.errors import UserError
+    raise UserError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e)[:200]}); "
+                    "is libtpu installed (pip install -e .[tpu])?")
+  return desc.devices
+
+
+def compile_train_step(config, topology: str) -> dict:
+  import jax
+  import numpy as np
+
+  from segearth_jax import sharding as shd
+  from segearth_jax.flops import train_flops_per_sample
+  from segearth_jax.train import TrainSetup, dummy_batch, device_part
+
+  gen, _ = parse_topology(topology)
+  devices = topology_devices(topology)
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  setup = TrainSetup.create(config, mesh=mesh)
+  state, frozen = setup.abstract
+  length = max(config.data.text_buckets)
+  batch = device_part(dummy_batch(config, config.train.batch_size, length))
+  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, v.ndim))
+            for k, v in batch.items()}
+  step = jax.jit(setup.train_step, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+                                                 setup.batch_shardings(batch)),
+                 out_shardings=(setup.state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  with mesh, shd.axis_rules():
+    compiled = step.lower(state, frozen, abatch).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = 1 << 30
+  per_chip = dict(arguments_gib=mem.argument_size_in_bytes / gib, outputs_gib=mem.output_size_in_bytes / gib,
+                  temps_gib=mem.temp_size_in_bytes / gib, aliased_gib=mem.alias_size_in_bytes / gib,
+                  code_gib=mem.generated_code_size_in_bytes / gib)
+  total = per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"] + per_chip["temps_gib"]
+  n_img = (config.model.vision.image_size // config.model.vision.patch_size) ** 2
+  formula = train_flops_per_sample(config.model, length - n_img, config.train.trainable)
+  return dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=config.train.batch_size,
+              seq_len=length, per_chip=per_chip, per_chip_total_gib=total, hbm_gib=TPU_CHIPS[gen]["hbm_gib"],
+              fits=bool(total <= TPU_CHIPS[gen]["hbm_gib"]),
+              xla_flops_per_chip=float(cost.get("flops", float("nan"))) if cost else None,
+              formula_flops_per_step=formula * config.train.batch_size,
+              formula_flops_per_chip=formula * config.train.batch_size / len(devices))
+
+
+def cli_main(args) -> int:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from segearth_jax.config import load_config
+  config = load_config(args.config, args.overrides)
+  print(json.dumps(compile_train_step(config, args.topology), indent=2))
+  return 0

@@ -1,0 +1,165 @@
+"""Evaluation: generate answers, decode one mask per generated [SEG], score gIoU/cIoU per subset.
+
+Scoring follows method.md §7 on the letterboxed canvas (model.swin.image_size, 1024 in the paper),
+cropped to the image region. Records with no target report no-target accuracy (no [SEG] generated).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segearth_jax import sharding as shd
+from segearth_jax.metrics import IoUAccumulator
+
+
+def make_predict_fn(setup, tokenizer, *, max_new_tokens: int, temperature: float = 0.0):
+  """Jitted: (params, batch, rng) -> tokens, lengths, seg_valid, masks [B,K,M,M] (bool, canvas size)."""
+  from segearth_jax.data.tokenizer import seg_token_id
+  from segearth_jax.generate import generate
+  from segearth_jax.models.segearth import make_llm
+
+  cfg = setup.config.model
+  model = setup.model
+  llm = make_llm(cfg)
+  M = cfg.swin.image_size
+  eos_id = tokenizer.eos_token_id
+  seg_id = seg_token_id(tokenizer)
+
+  def predict(params, batch, rng):
+    embeds = model.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
+                         method=model.prompt_embeds)
+    gen = generate(llm, params["llm"], embeds, batch["prompt_len"], max_new_tokens=max_new_tokens,
+                   eos_id=eos_id, seg_id=seg_id, temperature=temperature, rng=rng, max_seg=cfg.max_seg)
+    logits = model.apply({"params": params}, batch["swin_image"], gen["seg_hidden"], gen["seg_valid"],
+                         method=model.masks_from_hidden)[-1]            # last decoder prediction [B,K,h,w]
+    b, k = logits.shape[:2]
+    up = jax.image.resize(logits.astype(jnp.float32), (b, k, M, M), "bilinear")
+    masks = (up > 0) & gen["seg_valid"][..., None, None]
+    return dict(tokens=gen["tokens"], lengths=gen["lengths"], seg_valid=gen["seg_valid"], masks=masks)
+
+  return jax.jit(predict)
+
+
+def _crop(mask, letterbox):
+  return mask[: int(letterbox[2]), : int(letterbox[3])]
+
+
+def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: bool = False,
+             max_batches: int | None = None) -> dict:
+  from segearth_jax.data.pipeline import global_batch, make_dataset
+  from segearth_jax.train import device_part
+
+  config = setup.config
+  dataset = make_dataset(config, split, tokenizer=tokenizer, train=False)
+  predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
+                            temperature=config.infer.temperature)
+  overall, empty = IoUAccumulator(), IoUAccumulator()
+  per_subset = defaultdict(IoUAccumulator)
+  no_target = [0, 0]
+  samples = []
+  rng = jax.random.key(config.infer.seed)
+  for i, host in enumerate(dataset):
+    if max_batches is not None and i >= max_batches:
+      break
+    batch = global_batch(device_part(host), setup.mesh)
+    with setup.mesh, shd.axis_rules():
+      out = jax.device_get(predict(params, batch, jax.random.fold_in(rng, i)))
+    for b in range(len(host["sample_valid"])):
+      if not host["sample_valid"][b]:
+        continue
+      lb = host["letterbox"][b]
+      n_gt = int(np.sum(host["seg_valid"][b]))
+      gts = [_crop(host["masks"][b, j], lb) for j in range(n_gt)]
+      n_pred = int(np.sum(out["seg_valid"][b]))
+      preds = [_crop(out["masks"][b, j], lb) for j in range(n_pred)]
+      subsets = [s for s in str(host.get("subsets", [""] * (b + 1))[b]).split("|") if s]
+      if n_gt == 0:
+        no_target[0] += int(n_pred == 0)
+        no_target[1] += 1
+      else:
+        overall.add_record(preds, gts)
+        empty.add_record([], gts)
+        for s in subsets:
+          per_subset[s].add_record(preds, gts)
+      if len(samples) < 16:
+        toks = out["tokens"][b, : int(out["lengths"][b])]
+        samples.append(dict(id=str(host["example_id"][b]), answer=tokenizer.decode(toks),
+                            n_pred=n_pred, n_gt=n_gt))
+  result = dict(split=split, overall=overall.summary(),
+                subsets={k: v.summary() for k, v in sorted(per_subset.items())},
+                no_target_accuracy=(no_target[0] / no_target[1]) if no_target[1] else None,
+                no_target_records=no_target[1], samples=samples)
+  subset_gious = [v["gIoU"] for k, v in result["subsets"].items() if k != "no_target"]
+  result["mean_over_subsets"] = float(np.mean(subset_gious)) if subset_gious else None
+  if with_baselines:
+    result["baselines"] = {"all_empty": empty.summary()}
+  return result
+
+
+def load_workdir_params(setup, workdir: str):
+  """Latest checkpoint of a training workdir, merged with its frozen params."""
+  from segearth_jax.checkpointing import Checkpointer, abstract_like
+  from segearth_jax.optim import merge_params
+
+  ckpt = Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    from segearth_jax.errors import UserError
+    raise UserError(f"{workdir}: no checkpoint found (train first)")
+  state, frozen = setup.init_state(setup.config.train.seed)
+  state = ckpt.restore(step, abstract_like(state))
+  if jax.tree.leaves(frozen) and ckpt.has_frozen():
+    frozen = ckpt.restore_frozen(abstract_like(frozen))
+  ckpt.close()
+  return merge_params(state["params"], frozen), step
+
+
+def evaluate_workdir(config, workdir: str, split: str = "test", *, with_baselines: bool = True,
+                     random_init_baseline: bool = True) -> dict:
+  from segearth_jax.data.tokenizer import load_tokenizer
+  from segearth_jax.optim import merge_params
+  from segearth_jax.train import TrainSetup
+
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  setup = TrainSetup.create(config, vocab_size=len(tokenizer))
+  params, step = load_workdir_params(setup, workdir)
+  result = evaluate(setup, params, tokenizer, split, with_baselines=with_baselines)
+  result["step"] = int(step)
+  if random_init_baseline:
+    state, frozen = setup.init_state(config.train.seed + 1000)
+    rand = evaluate(setup, merge_params(state["params"], frozen), tokenizer, split)
+    result.setdefault("baselines", {})["random_init"] = rand["overall"]
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def format_table(result: dict) -> str:
+  rows = ["| subset | gIoU | cIoU | masks |", "|---|---|---|---|"]
+  for name, s in result["subsets"].items():
+    rows.append(f"| {name} | {s['gIoU']:.3f} | {s['cIoU']:.3f} | {s['units']} |")
+  o = result["overall"]
+  rows.append(f"| **overall** | **{o['gIoU']:.3f}** | **{o['cIoU']:.3f}** | {o['units']} |")
+  if result.get("mean_over_subsets") is not None:
+    rows.append(f"| mean over subsets | {result['mean_over_subsets']:.3f} | | |")
+  if result.get("no_target_accuracy") is not None:
+    rows.append(f"| no-target accuracy | {result['no_target_accuracy']:.3f} | | {result['no_target_records']} records |")
+  for name, b in result.get("baselines", {}).items():
+    rows.append(f"| baseline: {name} | {b['gIoU']:.3f} | {b['cIoU']:.3f} | {b['units']} |")
+  return "\n".join(rows)
+
+
+def cli_main(args) -> int:
+  from segearth_jax.config import load_config
+  config = load_config(args.config, args.overrides)
+  result = evaluate_workdir(config, args.workdir, args.split)
+  print(format_table(result))
+  print(f"written: {os.path.join(args.workdir, 'eval', args.split + '.json')}")
+  return 0

@@ -1,0 +1,343 @@
+"""Training: one jitted train step over a (data, fsdp, tensor) mesh, orbax checkpoints, resume.
+
+The step takes (state, frozen, batch): ``state`` holds the trainable params, their optimizer state, the
+step and the rng, and is donated; ``frozen`` (no grads, no optimizer state) is read only. Shardings
+come from the logical-axis rule table in sharding.py. The host never waits inside a step: the metrics of
+step t are fetched after step t+1 is dispatched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from segearth_jax import sharding as shd
+from segearth_jax.checkpointing import Checkpointer, abstract_like
+from segearth_jax.errors import UserError
+from segearth_jax.losses import segearth_loss
+from segearth_jax.models.segearth import SegEarthR2, build_model, n_image_tokens
+from segearth_jax.optim import make_optimizer, merge_params, split_params
+
+HOST_ONLY = ("example_id", "subsets", "answer")
+
+
+def maybe_initialize_distributed(config) -> None:
+  d = config.distributed
+  if d.enabled and jax.process_count() == 1:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                               num_processes=d.num_processes or None, process_id=d.process_id,
+                               local_device_ids=list(d.local_device_ids) or None)
+
+
+def dummy_batch(config, batch_size: int, length: int | None = None) -> dict:
+  """Zeros with the input pipeline's batch shapes (for init and AOT compilation)."""
+  m = config.model
+  L = length or max(config.data.text_buckets)
+  S, M, K = m.vision.image_size, m.swin.image_size, m.max_seg
+  G = S // m.vision.patch_size
+  B = batch_size
+  seg_pos = np.zeros((B, K), np.int32)
+  seg_pos[:, 0] = min(L - 1, G * G + 2)
+  return dict(
+      siglip_image=np.zeros((B, S, S, 3), np.float32), swin_image=np.zeros((B, M, M, 3), np.float32),
+      input_ids=np.zeros((B, L), np.int32), attention_mask=np.ones((B, L), np.int32),
+      labels=np.full((B, L), -100, np.int32), image_start=np.ones((B,), np.int32),
+      seg_positions=seg_pos, seg_valid=np.zeros((B, K), bool),
+      masks=np.zeros((B, K, M, M), np.uint8), mask_grid=np.zeros((B, K, G, G), np.float32),
+      letterbox=np.full((B, 4), M, np.int32), sample_valid=np.ones((B,), bool))
+
+
+def device_part(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k not in HOST_ONLY and np.asarray(v).dtype.kind in "biuf"}
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything the step needs, built once per run: model, optimizer, mesh and shardings."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: SegEarthR2
+  tx: optax.GradientTransformation
+  schedule: Any
+  state_shardings: Any
+  frozen_shardings: Any
+  param_shardings: Any
+  abstract: Any = None  # (state, frozen) as ShapeDtypeStructs with shardings: restore / AOT targets
+
+  @classmethod
+  def create(cls, config, mesh=None, vocab_size: int | None = None) -> "TrainSetup":
+    mesh = mesh or shd.mesh_from_config(config.mesh)
+    model = build_model(config.model, vocab_size)
+    tx, schedule = make_optimizer(config.train)
+    dummy = dummy_batch(config, 1, min(config.data.text_buckets))
+    boxed = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)["params"]
+    param_sh = shd.logical_shardings(boxed, mesh)
+    train_sh, frozen_sh = split_params(param_sh, config.train.trainable)
+    abstract_train, _ = split_params(nn.unbox(boxed), config.train.trainable)
+    opt_abstract = jax.eval_shape(tx.init, abstract_train)
+    rep = shd.replicated(mesh)
+    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_abstract, train_sh,
+                                              transform_non_params=lambda _: rep)
+    state_sh = dict(params=train_sh, opt_state=opt_sh, step=rep, rng=rep)
+    setup = cls(config, mesh, model, tx, schedule, state_sh, frozen_sh, param_sh)
+    with_sh = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    abstract_frozen = split_params(nn.unbox(boxed), config.train.trainable)[1]
+    setup.abstract = (with_sh(dict(params=abstract_train, opt_state=opt_abstract,
+                                   step=jax.ShapeDtypeStruct((), jnp.int32),
+                                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), state_sh),
+                      with_sh(abstract_frozen, frozen_sh))
+    return setup
+
+  @property
+  def num_heads(self) -> int:
+    return self.config.model.llm.num_attention_heads
+
+  # ---------------------------------------------------------------------------------- init
+  def init_state(self, seed: int):
+    dummy = dummy_batch(self.config, 1, min(self.config.data.text_buckets))
+
+    def init(key):
+      return nn.unbox(self.model.init(key, dummy, train=False))["params"]
+
+    with self.mesh, shd.axis_rules():
+      params = jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
+    train, frozen = split_params(params, self.config.train.trainable)
+    return self.state_from_params(train, seed), frozen
+
+  def state_from_params(self, train_params, seed: int):
+    with self.mesh:
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(train_params)
+    rep = shd.replicated(self.mesh)
+    return dict(params=train_params, opt_state=opt_state,
+                step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                rng=jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), rep))
+
+  # ---------------------------------------------------------------------------------- step
+  def loss_fn(self, params, frozen, batch, key, train=True):
+    full = merge_params(params, frozen)
+    k_drop, k_pts = jax.random.split(key)
+    out = self.model.apply({"params": full}, batch, train=train, rngs={"dropout": k_drop})
+    return segearth_loss(out, batch, k_pts, self.config.loss, self.num_heads)
+
+  def train_step(self, state, frozen, batch):
+    accum = int(self.config.train.grad_accum)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, terms), grads = grad_fn(state["params"], frozen, batch, key)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        (l, t), g = grad_fn(state["params"], frozen, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, t, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state["params"], frozen,
+                                                                         jax.tree.map(lambda x: x[0], micro), key)))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, terms, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+    gnorm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
+    params = optax.apply_updates(state["params"], updates)
+    # a non-finite step changes nothing: the state stays the last good one and the host stops the run
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
+                     step=state["step"] + 1, rng=state["rng"])
+    metrics = dict(terms, loss=loss, grad_norm=gnorm, lr=self.schedule(state["step"]), finite=finite)
+    return new_state, metrics
+
+  def batch_shardings(self, batch: dict):
+    return {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+  def jit_train_step(self, batch_example: dict):
+    rep = shd.replicated(self.mesh)
+    return jax.jit(self.train_step,
+                   in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings(batch_example)),
+                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------------------ loop
+class _StopFlag:
+  def __init__(self):
+    self.requested = False
+    self._old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+class NonFiniteError(UserError):
+  pass
+
+
+def _log_line(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = None) -> dict:
+  """Runs training in ``workdir``; returns a summary. ``max_steps`` stops early (tests)."""
+  from segearth_jax.data.pipeline import global_batch, make_dataset
+  from segearth_jax.data.tokenizer import load_tokenizer
+
+  maybe_initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  setup = TrainSetup.create(config, vocab_size=len(tokenizer))
+  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.ckpt_every)
+  dataset = make_dataset(config, "train", tokenizer=tokenizer, train=True)
+  data_iter = iter(dataset)
+
+  state, frozen = _initial_state(setup, config, ckpt)
+  start = 0
+  latest = ckpt.latest_step() if resume else None
+  if latest is not None:
+    state = ckpt.restore(latest, abstract_like(state), data_iter)
+    start = latest
+    if is_main:
+      print(f"resumed from step {latest} in {workdir}", flush=True)
+
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  writer = _tb_writer(workdir) if is_main else None
+  total_steps = int(config.train.steps)
+  end = min(total_steps, max_steps) if max_steps else total_steps
+  stop = _StopFlag()
+  step_fn = None
+  pending = None  # (step, metrics, ids, t_dispatch)
+  t_last = time.time()
+  history = []
+  try:
+    from tqdm import tqdm
+    bar = tqdm(total=end, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+    for step in range(start, end):
+      host = next(data_iter)
+      batch = device_part(host)
+      if step_fn is None:
+        step_fn = setup.jit_train_step(batch)
+      gbatch = global_batch(batch, setup.mesh)
+      with setup.mesh, shd.axis_rules():
+        state, metrics = step_fn(state, frozen, gbatch)
+      if pending is not None:
+        _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+        t_last = time.time()
+      pending = (step + 1, metrics, host.get("example_id"))
+      last = step + 1 == end or stop.requested
+      if last or ckpt.manager.should_save(step + 1):
+        # a checkpoint is only written after its step is known to be finite
+        _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+        t_last, pending = time.time(), None
+        ckpt.save(step + 1, state, data_iter, force=True)
+      if stop.requested:
+        break
+    if pending is not None:
+      _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+    bar.close()
+  finally:
+    ckpt.wait()
+    stop.restore()
+  ckpt.close()
+  if writer is not None:
+    writer.close()
+  if is_main:
+    plot_losses(log_path, os.path.join(workdir, "loss.png"))
+  return dict(steps=int(jax.device_get(state["step"])), history=history, stopped=stop.requested)
+
+
+def _finish(pending, setup, config, log_path, writer, history, bar, t_last):
+  step, metrics, ids = pending
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not m.pop("finite"):
+    ids = [str(i) for i in (ids if ids is not None else [])]
+    raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, "
+                         f"grad_norm={m['grad_norm']}); batch example ids: {ids}. "
+                         "The last good checkpoint is kept.")
+  dt = max(time.time() - t_last, 1e-9)
+  m["samples_per_s"] = config.train.batch_size / dt
+  record = dict(step=step, **m)
+  history.append(record)
+  if jax.process_index() == 0:
+    _log_line(log_path, record)
+    if writer is not None and (step % config.train.log_every == 0 or step == 1):
+      for k, v in m.items():
+        writer.add_scalar(f"train/{k}", v, step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
+
+
+def _initial_state(setup: TrainSetup, config, ckpt: Checkpointer):
+  state, frozen = setup.init_state(config.train.seed)
+  if config.train.init_from:
+    from segearth_jax.convert.checkpoint import load_params
+    params = load_params(config.train.init_from)
+    train_p, frozen_p = split_params(params, config.train.trainable)
+    put = lambda tree, sh: jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, sh)
+    frozen = put(frozen_p, setup.frozen_shardings)
+    state = setup.state_from_params(put(train_p, setup.state_shardings["params"]), config.train.seed)
+  if jax.tree.leaves(frozen):
+    if ckpt.has_frozen():
+      frozen = ckpt.restore_frozen(abstract_like(frozen))
+    else:
+      ckpt.save_frozen(frozen)
+  return state, frozen
+
+
+def _tb_writer(workdir):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # logging is optional
+    return None
+  return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def plot_losses(log_path: str, out_png: str) -> None:
+  if not os.path.exists(log_path):
+    return
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = {}
+  with open(log_path) as f:
+    for line in f:
+      r = json.loads(line)
+      rows[r["step"]] = r
+  steps = sorted(rows)
+  keys = [k for k in ("loss", "text", "bce", "dice", "ls") if k in rows[steps[0]]]
+  fig, ax = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+  for a, k in zip(np.atleast_1d(ax), keys):
+    a.plot(steps, [rows[s][k] for s in steps], lw=1)
+    a.set_title(k)
+    a.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+
+
+def cli_main(args) -> int:
+  from segearth_jax.config import load_config
+  config = load_config(args.config, args.overrides)
+  summary = train(config, args.workdir, resume=not args.no_resume)
+  if jax.process_index() == 0:
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"steps": summary["steps"], "loss": last.get("loss"), "workdir": args.workdir}))
+  return 0
