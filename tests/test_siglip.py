@@ -68,6 +68,10 @@ def test_hidden_states_match_transformers(name):
   feats = jax.jit(lambda p, v: tower.apply({"params": p}, v))(params, pix)
   np.testing.assert_allclose(feats, ref_hidden[-2], atol=1e-4, rtol=0)
   assert np.abs(ref_hidden[-1] - ref_hidden[-2]).max() > 1e-2  # the check above can tell layers apart
+  if scan:  # jax.nn.dot_product_attention path
+    fused = SiglipVisionTower(cfg, attention_impl="fused")
+    np.testing.assert_allclose(jax.jit(fused.apply)({"params": params}, pix), ref_hidden[-2],
+                               atol=1e-4, rtol=0)
 
 
 def test_feature_layer_index_and_size_checks():

@@ -125,6 +125,8 @@ class SiglipAttention(nn.Module):
     q = split(dense(c.hidden_size, ("embed", "heads"), name="q_proj", **kw)(x))
     k = split(dense(c.hidden_size, ("embed", "heads"), name="k_proj", **kw)(x))
     v = split(dense(c.hidden_size, ("embed", "heads"), name="v_proj", **kw)(x))
+    if self.attention_impl not in ("plain", "fused"):
+      raise UserError(f"attention_impl={self.attention_impl!r}: choose 'plain' or 'fused'")
     if self.attention_impl == "fused":
       o = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5)
     else:
@@ -228,6 +230,7 @@ class SiglipEmbeddings(nn.Module):
     conv = nn.Conv(
         c.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
         param_dtype=self.param_dtype, name="patch_embedding",
+        # flax forbids a repeated logical name, so the two spatial dims stay unnamed (replicated)
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  (None, None, "patch", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
