@@ -190,6 +190,15 @@ class NonFiniteError(UserError):
   pass
 
 
+def load_workdir_config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir}: no config.json (pass --config)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def _log_line(path: str, record: dict) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -203,6 +212,9 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
   maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  if is_main:  # eval/predict/export read the run's config from here
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   tokenizer = load_tokenizer(config.data.tokenizer)
   setup = TrainSetup.create(config, vocab_size=len(tokenizer))
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.ckpt_every)

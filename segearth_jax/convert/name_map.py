@@ -107,6 +107,7 @@ class NameMap:
     keys = list(keys)
     claimed: set[str] = set()
     flat: dict[str, Array] = {}
+    stack_len: dict[str, int] = {}  # path -> layers found; every stacked tensor must have them all
     for rule in self.rules:
       rx = rule.theirs_re
       hits = []
@@ -136,10 +137,15 @@ class NameMap:
           for i, k in items[1:]:
             out[i] = rule.transform.to_ours(get(k))
           flat[path] = out
+          stack_len[path] = n
       else:
         for k, idx in hits:
           arr = rule.transform.to_ours(get(k))
           flat[rule.ours.format(**idx)] = arr.astype(dtype) if dtype is not None else arr
+    if stack_len and len(set(stack_len.values())) > 1:
+      n = max(stack_len.values())
+      short = sorted(p for p, v in stack_len.items() if v < n)
+      raise ConversionError(f"layers missing: {short[:5]} have fewer than {n} layers")
     if strict:
       left = [k for k in keys if k not in claimed and not self._ignored(k)]
       if left:
