@@ -229,3 +229,25 @@ def write_earthreason(root, seed=0, orphan_label=True):
   if orphan_label:
     Image.fromarray(np.zeros((h, w), np.uint8)).save(os.path.join(root, "train", "labels", "zz9.png"))
   return expected
+
+
+def write_laserss_many(root, n=12, seed=0, n_targets=(1, 2, 0, 3)):
+  """A LaSeRS release with n train and n test records cycling through n_targets targets (3 > the tiny
+  max_seg 2, to exercise the [SEG] cap); returns {split: {id: record}}."""
+  rng = _rng(seed)
+  out = {}
+  for split in ("train", "test"):
+    recs = []
+    for i in range(n):
+      h, w = (40, 40) if i % 3 else (32, 48)
+      name = f"{split}_{i}.png"
+      save_image(os.path.join(root, split, "images", name), rand_image(rng, h, w))
+      k = n_targets[i % len(n_targets)]
+      masks = [rect_mask(h, w, 2 + 2 * j, 12 + 3 * j, 1 + 5 * j, 18 + j) for j in range(k)]
+      answer = " ".join(f"the <p>object {j}</p>[SEG]" for j in range(k)) or "No target."
+      recs.append(dict(id=f"{split}{i}", image_name=name, description=f"segment the objects of scene {i}",
+                       answer=answer, mask=[rle_compressed(m) for m in masks]))
+    ann = "train_ann.json" if split == "train" else "single.json"
+    write_json(os.path.join(root, split, "annotations", ann), recs)
+    out[split] = {r["id"]: r for r in recs}
+  return out

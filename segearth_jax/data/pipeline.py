@@ -1,0 +1,145 @@
+"""The grain input pipeline: tfds.data_source -> shuffle -> per-process shard -> preprocess -> batch.
+
+  make_dataset(config, split, *, tokenizer, train, process_index=None, process_count=None, seed=None)
+      -> grain IterDataset; `it = iter(ds)`, `it.get_state()` / `it.set_state(s)` resume exactly.
+  global_batch(host_batch, mesh) -> dict of jax.Array (numeric fields; strings stay numpy on the host).
+  bench_cli(args) -> `segearth bench data --config CFG --batches N` (one JSON line).
+
+Batch contract (B = per-process batch = train.batch_size / process_count; static shapes):
+  siglip_image f32[B,S,S,3]  swin_image f32[B,M,M,3]  input_ids/attention_mask/labels i32[B,L]
+  image_start i32[B]  seg_positions i32[B,K]  seg_valid bool[B,K]  masks u8[B,K,M,M]
+  mask_grid f32[B,K,G,G]  letterbox i32[B,4] (orig_h, orig_w, resized_h, resized_w)  sample_valid bool[B]
+  example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined).
+L is the smallest of data.text_buckets that fits the batch's longest row.
+
+Train: the epoch is shuffled with the seed (a new order each epoch), repeated forever, and process p takes
+global positions p, p + n_proc, ... ; batches drop nothing because the stream is infinite. Eval: no shuffle,
+one pass; every process yields the same number of batches (ceil(n / n_proc) rounded up to B), the rows past
+the end are padding with sample_valid False (bad records with data.skip_bad become padding too).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from segearth_jax.errors import UserError
+from segearth_jax.data import preprocess
+
+_HOST_ONLY = ("example_id", "answer", "subsets")
+
+
+def open_source(name: str, split: str, data_dir: str):
+  """tfds.data_source with errors a user can act on (missing build, unknown split)."""
+  import tensorflow_datasets as tfds
+
+  import tfds_laserss  # noqa: F401  (registers the builders)
+  if not data_dir or not os.path.isdir(data_dir):
+    raise UserError(f"data.data_dir {data_dir!r} does not exist; build it with "
+                    f"`segearth data build {name} --manual-dir DIR --data-dir {data_dir or 'OUT'}`")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise UserError(f"dataset {name!r} in {data_dir}: cannot be opened: {e}") from e
+  if not builder.is_prepared():
+    raise UserError(f"dataset {name!r} is not built in {data_dir}; run `segearth data build {name} ...`")
+  splits = list(builder.info.splits.keys())
+  if split not in splits:
+    raise UserError(f"dataset {name!r} in {data_dir}: unknown split {split!r}; it has {splits}")
+  return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+class _EvalRow:
+  """Position k of this process's padded eval stream -> processed example (padding past the end)."""
+
+  def __init__(self, source, pre, index, count, n):
+    self.source, self.pre, self.index, self.count, self.n = source, pre, index, count, n
+
+  def __call__(self, k):
+    i = self.index + k * self.count
+    out = self.pre(self.source[i]) if i < self.n else None
+    if out is None:  # past the end, or a bad record skipped with data.skip_bad
+      for j in range(self.n):
+        pad = self.pre(self.source[j])
+        if pad is not None:
+          return preprocess.as_padding(pad)
+      raise UserError(f"{self.pre.source_name}: no usable record to pad with")
+    return out
+
+
+def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, process_count=None,
+                 seed=None):
+  import grain
+  import jax
+  d = config.data
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if config.train.batch_size % pc:
+    raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by {pc} processes")
+  B = config.train.batch_size // pc
+  seed = int(d.shuffle_seed if seed is None else seed)
+  source = open_source(d.name, split, d.data_dir)
+  n = len(source)
+  if n == 0:
+    raise UserError(f"dataset {d.name!r} split {split!r} in {d.data_dir} is empty")
+  pre = preprocess.Preprocessor(config, tokenizer, train=train, source_name=f"{d.data_dir}/{d.name}/{split}")
+  if train:
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds[pi::pc].map(pre)
+  else:
+    per_process = math.ceil(math.ceil(n / pc) / B) * B
+    ds = grain.MapDataset.range(per_process).map(_EvalRow(source, pre, pi, pc, n))
+  # Threads overlap PIL/numpy work (both release the GIL); a small buffer bounds memory at 1024 canvases.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(2, min(8, B)), prefetch_buffer_size=2 * B))
+  it = it.batch(B, drop_remainder=train)
+  it = it.map(functools.partial(preprocess.trim_to_bucket, buckets=tuple(d.text_buckets)))
+  if int(d.workers) > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.workers)))
+  return it
+
+
+def global_batch(host_batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axis; strings stay on the host."""
+  import jax
+
+  from segearth_jax import sharding
+  out = {}
+  for k, v in host_batch.items():
+    v = np.asarray(v)
+    if k in _HOST_ONLY or v.dtype.kind in "USO":
+      out[k] = v
+    else:
+      out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+  return out
+
+
+def bench_cli(args) -> int:
+  """examples/s of the full pipeline (decode + preprocess + batch) and the figure per CPU core used."""
+  from segearth_jax.config import load_config
+  from segearth_jax.data.tokenizer import load_tokenizer
+  config = load_config(args.config, args.overrides)
+  tok = load_tokenizer(config.data.tokenizer)
+  ds = make_dataset(config, "train", tokenizer=tok, train=True, process_index=0, process_count=1)
+  it = iter(ds)
+  next(it)  # warm-up: threads, first decode
+  B = config.train.batch_size
+  t0 = time.perf_counter()
+  c0 = time.process_time()
+  for _ in range(args.batches):
+    next(it)
+  wall = time.perf_counter() - t0
+  cpu = time.process_time() - c0
+  workers = int(config.data.workers)
+  eps = args.batches * B / wall
+  # with workers the main process only forwards batches: count the workers as the cores used
+  cores = workers if workers > 0 else max(1.0, cpu / wall)
+  print(json.dumps(dict(
+      bench="data", config=args.config, dataset=config.data.name, batches=args.batches, batch_size=B,
+      siglip=config.model.vision.image_size, swin=config.model.swin.image_size,
+      examples_per_s=round(eps, 2), cpu_cores_used=round(cores, 2),
+      examples_per_s_per_core=round(eps / cores, 2), cpu_count=os.cpu_count(), workers=workers)))
+  return 0
