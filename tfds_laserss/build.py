@@ -27,6 +27,11 @@ def build(name: str, manual_dir, data_dir, skip_bad: bool = False):
   except UserError:
     _remove_incomplete(builder)
     raise
+  except AssertionError as e:  # tfds refuses a split whose every record was skipped
+    _remove_incomplete(builder)
+    if "No examples were yielded" not in str(e):
+      raise
+    raise UserError(f"{name}: {e}; every record of that split is bad.\n{builder.skipped.summary()}") from e
   return builder
 
 
