@@ -68,7 +68,7 @@ def test_laserss_toy_generator(tmp_path):
 
   from segearth_jax.data.toy_laserss import write_toy_laserss
   from tfds_laserss.build import build
-  write_toy_laserss(tmp_path / "toy", images=6, seed=1)
+  write_toy_laserss(tmp_path / "toy", images=4, seed=1, size=48)
   build("laserss", tmp_path / "toy", tmp_path / "tfds")
   got = _read_all("laserss", tmp_path / "tfds")
   for split in ("train", "val", "test"):
