@@ -1,0 +1,88 @@
+"""KV-cache generation under jit: greedy or temperature sampling, per-row EOS, [SEG] hidden states.
+
+Prompts are right-padded to a bucket P (row b's real tokens at slots 0..prompt_len[b]-1). The cache has
+P + max_new_tokens slots; generated token t of row b goes to slot prompt_len[b] + t, overwriting the
+prompt's padding, so every row's tokens stay contiguous and need no left padding.
+
+A [SEG] token's final hidden state exists only once the token has been fed back as input, so every
+generated token (including the last one) is fed; the step that feeds a [SEG] records its hidden state
+(after the final LayerNorm) into the row's next [SEG] slot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from segearth_jax.models.phi import Phi, init_cache
+
+
+def _pick(logits, temperature, key):
+  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+  t = jnp.maximum(temperature, 1e-6)
+  sampled = jax.random.categorical(key, logits.astype(jnp.float32) / t, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "max_seg"))
+def _generate(model: Phi, params, prompt_embeds, prompt_len, eos_id, seg_id, temperature, rng, *,
+              max_new_tokens: int, max_seg: int):
+  b, p, d = prompt_embeds.shape
+  T = max_new_tokens
+  prompt_len = prompt_len.astype(jnp.int32)
+  variables = {"params": params}
+  cache = init_cache(model.config, b, p + T, dtype=prompt_embeds.dtype)
+  mask = (jnp.arange(p)[None] < prompt_len[:, None]).astype(jnp.int32)
+  out = model.apply(variables, prompt_embeds, mask, cache=cache)
+  last = jnp.take_along_axis(out["logits"], (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  tok0 = _pick(last, temperature, jax.random.fold_in(rng, 0))
+
+  state = dict(
+      t=jnp.int32(0), tok=tok0, cache=out["cache"],
+      tokens=jnp.full((b, T), eos_id, jnp.int32).at[:, 0].set(tok0),
+      lengths=jnp.ones((b,), jnp.int32),
+      active=jnp.ones((b,), bool),                      # row generated tokens[:, t] and is not finished
+      seg_hidden=jnp.zeros((b, max_seg, d), out["hidden"].dtype),
+      seg_count=jnp.zeros((b,), jnp.int32))
+
+  def cond(s):
+    return (s["t"] < T) & s["active"].any()
+
+  def body(s):
+    t, tok = s["t"], s["tok"]
+    cache = dict(s["cache"], index=prompt_len + t)
+    emb = model.apply(variables, tok[:, None], method=Phi.embed)
+    o = model.apply(variables, emb, jnp.ones((b, 1), jnp.int32), cache=cache)
+    h = o["hidden"][:, 0]
+    is_seg = s["active"] & (tok == seg_id) & (s["seg_count"] < max_seg)
+    slot = jax.nn.one_hot(jnp.minimum(s["seg_count"], max_seg - 1), max_seg, dtype=bool) & is_seg[:, None]
+    seg_hidden = jnp.where(slot[:, :, None], h[:, None, :], s["seg_hidden"])
+    nxt = _pick(o["logits"][:, 0], temperature, jax.random.fold_in(rng, t + 1))
+    go_on = s["active"] & (tok != eos_id) & (t + 1 < T)
+    tokens = jnp.where(go_on[:, None] & (jnp.arange(T)[None] == t + 1), nxt[:, None], s["tokens"])
+    return dict(t=t + 1, tok=nxt, cache=o["cache"], tokens=tokens,
+                lengths=jnp.where(go_on, t + 2, s["lengths"]), active=go_on,
+                seg_hidden=seg_hidden, seg_count=s["seg_count"] + is_seg.astype(jnp.int32))
+
+  s = jax.lax.while_loop(cond, body, state)
+  return dict(tokens=s["tokens"], lengths=s["lengths"], seg_hidden=s["seg_hidden"],
+              seg_valid=jnp.arange(max_seg)[None] < s["seg_count"][:, None])
+
+
+def generate(model: Phi, params, *, input_ids=None, inputs_embeds=None, prompt_len, max_new_tokens: int,
+             eos_id: int, seg_id: int, temperature: float = 0.0, rng=None, max_seg: int = 4) -> dict:
+  """Decode up to ``max_new_tokens`` after each row's prompt.
+
+  ``input_ids`` [B, P] or ``inputs_embeds`` [B, P, D] (e.g. with image features spliced in), right-padded;
+  ``prompt_len`` [B]. Returns tokens [B, T] (eos_id after each row's end), lengths [B] (generated tokens,
+  EOS included), seg_hidden [B, max_seg, D], seg_valid [B, max_seg]. One compile per (model, shapes,
+  max_new_tokens, max_seg); eos/seg ids and temperature are traced values.
+  """
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError("pass exactly one of input_ids / inputs_embeds")
+  if inputs_embeds is None:
+    inputs_embeds = model.apply({"params": params}, jnp.asarray(input_ids), method=Phi.embed)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return _generate(model, params, inputs_embeds, jnp.asarray(prompt_len), jnp.int32(eos_id), jnp.int32(seg_id),
+                   jnp.float32(temperature), rng, max_new_tokens=max_new_tokens, max_seg=max_seg)
