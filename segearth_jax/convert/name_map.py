@@ -107,7 +107,9 @@ class NameMap:
     keys = list(keys)
     claimed: set[str] = set()
     flat: dict[str, Array] = {}
-    stack_len: dict[str, int] = {}  # path -> layers found; every stacked tensor must have them all
+    # external layer list (theirs up to '{stack}', e.g. 'model.layers.') -> {path: layers found}: every
+    # tensor stacked from one list must have all its layers (lists may differ, e.g. Swin stages)
+    stack_len: dict[str, dict[str, int]] = {}
     for rule in self.rules:
       rx = rule.theirs_re
       hits = []
@@ -123,9 +125,12 @@ class NameMap:
         claimed.add(k)
       if rule.stack:
         groups: dict[str, list] = {}
+        lists: dict[str, str] = {}
+        head = rule.theirs[:rule.theirs.index("{" + rule.stack + "}")]
         for k, idx in hits:
           rest = {n: v for n, v in idx.items() if n != rule.stack}
           groups.setdefault(rule.ours.format(**rest), []).append((idx[rule.stack], k))
+          lists[rule.ours.format(**rest)] = head.format(**rest)
         for path, items in groups.items():
           items.sort()
           n = items[-1][0] + 1
@@ -137,15 +142,16 @@ class NameMap:
           for i, k in items[1:]:
             out[i] = rule.transform.to_ours(get(k))
           flat[path] = out
-          stack_len[path] = n
+          stack_len.setdefault(lists[path], {})[path] = n
       else:
         for k, idx in hits:
           arr = rule.transform.to_ours(get(k))
           flat[rule.ours.format(**idx)] = arr.astype(dtype) if dtype is not None else arr
-    if stack_len and len(set(stack_len.values())) > 1:
-      n = max(stack_len.values())
-      short = sorted(p for p, v in stack_len.items() if v < n)
-      raise ConversionError(f"layers missing: {short[:5]} have fewer than {n} layers")
+    for lens in stack_len.values():
+      if len(set(lens.values())) > 1:
+        n = max(lens.values())
+        short = sorted(p for p, v in lens.items() if v < n)
+        raise ConversionError(f"layers missing: {short[:5]} have fewer than {n} layers")
     if strict:
       left = [k for k in keys if k not in claimed and not self._ignored(k)]
       if left:
