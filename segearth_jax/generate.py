@@ -70,17 +70,27 @@ def _generate(model: Phi, params, prompt_embeds, prompt_len, eos_id, seg_id, tem
               seg_valid=jnp.arange(max_seg)[None] < s["seg_count"][:, None])
 
 
-def generate(model: Phi, params, *, input_ids=None, inputs_embeds=None, prompt_len, max_new_tokens: int,
-             eos_id: int, seg_id: int, temperature: float = 0.0, rng=None, max_seg: int = 4) -> dict:
-  """Decode up to ``max_new_tokens`` after each row's prompt.
+def generate(model: Phi, params, prompt=None, prompt_len=None, *, input_ids=None, inputs_embeds=None,
+             max_new_tokens: int, eos_id: int, seg_id: int, temperature: float = 0.0, rng=None,
+             max_seg: int = 4) -> dict:
+  """Decode up to ``max_new_tokens`` after each row's prompt (callable inside an outer jit).
 
-  ``input_ids`` [B, P] or ``inputs_embeds`` [B, P, D] (e.g. with image features spliced in), right-padded;
-  ``prompt_len`` [B]. Returns tokens [B, T] (eos_id after each row's end), lengths [B] (generated tokens,
+  ``prompt``: ids [B, P] (int) or embeddings [B, P, D] (e.g. with image features spliced in), right-padded;
+  or pass ``input_ids`` / ``inputs_embeds`` by name. ``prompt_len`` [B]. Returns tokens [B, T] (eos_id after each row's end), lengths [B] (generated tokens,
   EOS included), seg_hidden [B, max_seg, D], seg_valid [B, max_seg]. One compile per (model, shapes,
   max_new_tokens, max_seg); eos/seg ids and temperature are traced values.
   """
+  if prompt is not None:
+    if input_ids is not None or inputs_embeds is not None:
+      raise ValueError("pass the prompt once: positionally or as input_ids / inputs_embeds")
+    if jnp.ndim(prompt) == 3:
+      inputs_embeds = prompt
+    else:
+      input_ids = prompt
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("pass exactly one of input_ids / inputs_embeds")
+  if prompt_len is None:
+    raise ValueError("prompt_len [B] is required")
   if inputs_embeds is None:
     inputs_embeds = model.apply({"params": params}, jnp.asarray(input_ids), method=Phi.embed)
   rng = jax.random.PRNGKey(0) if rng is None else rng

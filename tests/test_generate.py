@@ -94,7 +94,7 @@ def test_generation_matches_uncached_and_transformers():
 
   # inputs_embeds path gives the same tokens
   emb = model.apply({"params": params}, jnp.asarray(prompt), method=Phi.embed)
-  out3 = generate(model, params, inputs_embeds=emb, prompt_len=prompt_len, max_new_tokens=T, eos_id=eos_id,
+  out3 = generate(model, params, emb, prompt_len, max_new_tokens=T, eos_id=eos_id,
                   seg_id=seg_id, max_seg=3)
   assert np.array_equal(np.asarray(out3["tokens"]), toks2)
 
