@@ -197,3 +197,18 @@ def test_global_batch(setup):
   assert len(g["masks"].sharding.device_set) == 4
   np.testing.assert_array_equal(np.asarray(g["masks"]), b["masks"])
   assert isinstance(g["example_id"], np.ndarray)
+
+
+def test_worker_processes_same_batches(setup):
+  """data.workers > 0 runs preprocessing in grain worker processes; the batches are the in-process ones."""
+  from segearth_jax.data.pipeline import make_dataset
+  c, tok, _ = setup
+  cw = c.copy_and_resolve_references()
+  cw.data.workers = 1
+  ref = _take(make_dataset(c, "train", tokenizer=tok, train=True, process_index=0, process_count=1), 2)
+  it = iter(make_dataset(cw, "train", tokenizer=tok, train=True, process_index=0, process_count=1))
+  got = [next(it) for _ in range(2)]
+  it.close()
+  for w, g in zip(ref, got):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)

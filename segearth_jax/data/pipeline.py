@@ -98,8 +98,16 @@ def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, p
   it = it.batch(B, drop_remainder=train)
   it = it.map(functools.partial(preprocess.trim_to_bucket, buckets=tuple(d.text_buckets)))
   if int(d.workers) > 0:
+    _absl_flags_defaults()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.workers)))
   return it
+
+
+def _absl_flags_defaults():
+  """grain's worker processes read absl flags; outside an absl app nobody parsed them: use defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def global_batch(host_batch: dict, mesh) -> dict:
