@@ -143,6 +143,13 @@ def test_eval_padding_and_prompt(setup):
   assert valid.sum() == N and not valid[N:].any()
   seen = [i for b in batches for i, v in zip(b["example_id"], b["sample_valid"]) if v]
   assert sorted(seen) == sorted(records["test"])
+  # two processes: the same number of batches each, the real rows cover the split once
+  c.train.batch_size = 4
+  per = [list(make_dataset(c, "test", tokenizer=tok, train=False, process_index=p, process_count=2))
+         for p in range(2)]
+  assert len(per[0]) == len(per[1]) == 3
+  ids = [i for bs in per for b in bs for i, v in zip(b["example_id"], b["sample_valid"]) if v]
+  assert sorted(ids) == sorted(records["test"])
   b = batches[0]
   assert (b["labels"] == -100).all()
   for r in range(5):
