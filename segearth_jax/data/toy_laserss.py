@@ -47,11 +47,11 @@ def _pick_kinds(rng, split, covered):
       return -sum(s not in covered for s in subs)
     kinds.sort(key=gain)          # stable: the random order breaks ties
   else:
-    # no_target for about one record in eight
+    # about one record in eight asks for an absent class
     nt = [k for k in kinds if k[0] == "no_target"]
-    kinds = [k for k in kinds if k[0] != "no_target"] + nt[:1]
-    if rng.random() < 0.5:
-      kinds = nt[:1] + kinds[:-1]
+    kinds = [k for k in kinds if k[0] != "no_target"]
+    if rng.random() < 0.125:
+      kinds = nt[:1] + kinds
   return kinds
 
 
