@@ -13,6 +13,13 @@ import sys
 from segearth_jax.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+  """One-line errors (no usage dump): 'segearth data toy: error: ...'; --help still shows usage."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _config_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None):
   p.add_argument("--config", required=required and default is None, default=default,
                  help="experiment file, e.g. experiments/toy.py (or file.py:arg); override fields with "
@@ -30,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="segearth", description="SegEarth-R2 in JAX: language -> masks for remote-sensing images.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
