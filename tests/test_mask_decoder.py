@@ -131,3 +131,4 @@ def test_config_and_logical_axes():
   names = {a for s in specs for a in s}
   assert names <= set(AXIS_NAMES) and names >= {"head_embed", "head_mlp", "head_heads", "head_levels", "norm"}
   assert len(specs) == len(jax.tree.leaves(shapes["params"]))
+  assert all(len([a for a in s if a]) == len({a for a in s if a}) for s in specs)   # no name twice

@@ -184,7 +184,8 @@ class MaskPredictor(nn.Module):
   def __call__(self, q, mask_features):
     for j in range(self.num_layers):
       last = j == self.num_layers - 1
-      q = dense(self.out_dim if last else self.hidden_dim, ("head_embed", "head_embed"), dtype=self.dtype,
+      # logical names must differ per dim; all head_* axes are replicated anyway
+      q = dense(self.out_dim if last else self.hidden_dim, ("head_mlp", "head_embed"), dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"mask_embedder_{j}")(q)
       if not last:
         q = nn.relu(q)
@@ -221,7 +222,7 @@ class MaskDecoder(nn.Module):
       if cin != c or cfg.enforce_input_projection:
         f = nn.Conv(c, (1, 1), dtype=dtype, param_dtype=pdt, name=f"input_proj_{lvl}",
                     kernel_init=nn.with_logical_partitioning(
-                        _xavier(), ("patch", "patch", "head_embed", "head_embed")),
+                        _xavier(), (None, None, "patch", "head_embed")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("head_embed",)))(f)
       memories.append(f.reshape(bsz, h * w, c).astype(dtype) + level_embed[lvl].astype(dtype))
       positions.append(sine_position_embedding(h, w, c).astype(dtype)[None])
