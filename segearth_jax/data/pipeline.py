@@ -142,12 +142,14 @@ def bench_cli(args) -> int:
   wall = time.perf_counter() - t0
   cpu = time.process_time() - c0
   workers = int(config.data.workers)
-  eps = args.batches * B / wall
-  # with workers the main process only forwards batches: count the workers as the cores used
-  cores = workers if workers > 0 else max(1.0, cpu / wall)
+  n = args.batches * B
+  eps = n / wall
+  # per core: in-process, examples per CPU-second of this process (all threads; robust to a loaded machine);
+  # with workers the main process only forwards batches, so wall throughput / workers
+  per_core = n / cpu if workers == 0 else eps / workers
   print(json.dumps(dict(
       bench="data", config=args.config, dataset=config.data.name, batches=args.batches, batch_size=B,
       siglip=config.model.vision.image_size, swin=config.model.swin.image_size,
-      examples_per_s=round(eps, 2), cpu_cores_used=round(cores, 2),
-      examples_per_s_per_core=round(eps / cores, 2), cpu_count=os.cpu_count(), workers=workers)))
+      examples_per_s=round(eps, 2), cpu_s=round(cpu, 2), wall_s=round(wall, 2),
+      examples_per_s_per_core=round(per_core, 2), cpu_count=os.cpu_count(), workers=workers)))
   return 0
