@@ -59,7 +59,7 @@ def m2f(tmp_path_factory):
   _perturb(model.model.pixel_level_module.encoder, 0)
   path = tmp_path_factory.mktemp("m2f")
   model.save_pretrained(path)
-  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+  x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # 4: data x fsdp below
   with torch.no_grad():
     ref = model.model.pixel_level_module.encoder(x).feature_maps
   return dict(hf_config=hc, model=model, path=path, x=x, ref=ref)
@@ -80,30 +80,43 @@ def standalone():
   return dict(hf_config=hc, model=model, x=x, ref=ref)
 
 
-# ------------------------------------------------------------------------------------------- parity
-def test_parity_mask2former_checkpoint(m2f):
-  """Set 1: weights from the saved Mask2Former safetensors (legacy names, default prefix)."""
+@pytest.fixture(scope="module")
+def m2f_ours(m2f):
+  """Our unsharded output on set 1, weights from the saved safetensors (one compile, shared)."""
   cfg = SwinConfig.from_hf(m2f["hf_config"])
+  params = import_swin(str(m2f["path"]))
+  outs = jax.jit(SwinBackbone(cfg).apply)({"params": params}, _nhwc(m2f["x"]))
+  return dict(config=cfg, params=params, outs=outs)
+
+
+# ------------------------------------------------------------------------------------------- parity
+def test_parity_mask2former_checkpoint(m2f, m2f_ours):
+  """Set 1: weights from the saved Mask2Former safetensors (legacy names, default prefix)."""
+  cfg = m2f_ours["config"]
   assert cfg.depths == (2, 2, 2, 2) and cfg.window_size == 4
   lay = swin_layout(name_map.SafetensorsReader(str(m2f["path"])).keys())
   assert lay == dict(prefix=M2F_PREFIX, body="", legacy=True, stage_norms=True)
-  params = import_swin(str(m2f["path"]))
-  outs = jax.jit(SwinBackbone(cfg).apply)({"params": params}, _nhwc(m2f["x"]))
-  _check_features(outs, m2f["ref"], cfg, (64, 64))
+  _check_features(m2f_ours["outs"], m2f["ref"], cfg, (64, 64))
 
 
 def test_parity_standalone_padded(standalone):
-  """Set 2: weights from the module state_dict (q_proj/o_proj/mlp names, `swin.` level), scanned and
-  unscanned layouts."""
+  """Set 2: weights from the module state_dict (q_proj/o_proj/mlp names, `swin.` level)."""
   cfg = SwinConfig.from_hf(standalone["hf_config"])
   sd = standalone["model"].state_dict()
   assert swin_layout(sd.keys()) == dict(prefix="", body="swin.", legacy=False, stage_norms=True)
   x = _nhwc(standalone["x"])
-  for scan in (True, False):
-    params = import_swin(sd, scan_layers=scan)
-    outs = jax.jit(SwinBackbone(cfg, scan_layers=scan).apply)({"params": params}, x)
-    _check_features(outs, standalone["ref"], cfg, (58, 54))
+  params = import_swin(sd)
+  outs = jax.jit(SwinBackbone(cfg).apply)({"params": params}, x)
+  _check_features(outs, standalone["ref"], cfg, (58, 54))
   assert [o.shape[1:3] for o in outs] == [(15, 14), (8, 7), (4, 4), (2, 2)]
+  # the unscanned layout (blocks_{j}) has the same tree as the module builds and converts back
+  flat = name_map.flatten(import_swin(sd, scan_layers=False))
+  init = jax.eval_shape(SwinBackbone(cfg, scan_layers=False).init, jax.random.key(0), x)
+  want = name_map.flatten(nn.meta.unbox(init)["params"])
+  assert {k: v.shape for k, v in flat.items()} == {k: v.shape for k, v in want.items()}
+  assert "stage2/blocks_2/attention/query/kernel" in flat
+  np.testing.assert_array_equal(flat["stage2/blocks_1/fc1/kernel"],
+                                name_map.flatten(params)["stage2/blocks/fc1/kernel"][1])
 
 
 # --------------------------------------------------------------------------------------- conversion
@@ -205,12 +218,9 @@ def test_export_loads_with_from_pretrained(standalone, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- sharding
-def test_sharded_equals_unsharded(m2f):
-  cfg = SwinConfig.from_hf(m2f["hf_config"])
-  model = SwinBackbone(cfg)
-  x = jnp.concatenate([_nhwc(m2f["x"])] * 2)  # batch 4 over data x fsdp
-  params = import_swin(str(m2f["path"]))
-  want = jax.jit(model.apply)({"params": params}, x)
+def test_sharded_equals_unsharded(m2f, m2f_ours):
+  model = SwinBackbone(m2f_ours["config"])
+  x, params, want = _nhwc(m2f["x"]), m2f_ours["params"], m2f_ours["outs"]
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   boxed = jax.eval_shape(model.init, jax.random.key(0), x[:1])
   shard = sharding.logical_shardings(boxed, mesh)["params"]
@@ -221,7 +231,7 @@ def test_sharded_equals_unsharded(m2f):
                                                    is_leaf=lambda b: isinstance(b, nn.Partitioned)))
            for n in ([s] if isinstance(s, str) else s)}
   assert names <= set(sharding.AXIS_NAMES) and "head_embed" in names and "layers" in names
-  with mesh, sharding.axis_rules():
+  with jax.set_mesh(mesh), sharding.axis_rules():
     p = jax.device_put(params, shard)
     xs = jax.device_put(x, sharding.batch_sharding(mesh, 4))
     got = jax.jit(model.apply)({"params": p}, xs)
@@ -245,3 +255,14 @@ def test_swin_b_preset_shapes():
   assert table.shape == (18, 23 * 23, 16)
   with pytest.raises(UserError, match="unknown"):
     SwinConfig.from_dict({**presets.model_config("tiny").swin.to_dict(), "windowsize": 7})
+
+
+def test_tiny_preset_bf16_traces():
+  cfg = SwinConfig.from_dict(presets.model_config("tiny").swin)
+  x = jax.ShapeDtypeStruct((2, 128, 128, 3), jnp.float32)
+  model = SwinBackbone(cfg, dtype="bfloat16")
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nn.meta.unbox(variables)))
+  outs = jax.eval_shape(model.apply, variables, x)
+  assert [(o.shape, o.dtype) for o in outs] == [((2, 32 // 2 ** i, 32 // 2 ** i, 32 * 2 ** i), jnp.bfloat16)
+                                                for i in range(4)]
