@@ -49,37 +49,32 @@ def _core_xla(value, spatial_shapes, sampling_locations, attention_weights):
     raise ValueError(f"value has {s} tokens but spatial_shapes {spatial_shapes} sum to a different count")
   if n_levels != len(spatial_shapes):
     raise ValueError(f"sampling_locations has {n_levels} levels but spatial_shapes has {len(spatial_shapes)}")
-  # Heads lead so each (batch, head) gathers from its own [h*w, Dh] table.
-  value = value.transpose(0, 2, 1, 3)                                             # [B,H,S,Dh]
+  # One flat [B*H*S, Dh] table: every sample is a plain 1-D gather (its gradient a plain scatter-add).
+  # Levels and the 4 bilinear corners are vectorised (per-level sizes as constants): one gather, one
+  # weighted sum, few ops to compile.
+  table = value.transpose(0, 2, 1, 3).reshape(b * h * s, dh)
+  sizes = np.array([[ww, hh] for hh, ww in spatial_shapes], np.float32)         # [L, 2] as (w, h)
+  starts = np.cumsum([0] + [hh * ww for hh, ww in spatial_shapes[:-1]]).astype(np.int32)
   loc = sampling_locations.astype(jnp.float32).transpose(0, 2, 1, 3, 4, 5)       # [B,H,Q,L,P,2]
+  # align_corners=False: pixel centres sit at (i + 0.5) / size.
+  pix = loc * sizes[:, None, :] - 0.5
+  lo = jnp.floor(pix)
+  frac = pix - lo
+  corner = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)                # (dx, dy) per corner
+  xy = lo[..., None, :] + corner                                                  # [B,H,Q,L,P,4,2]
+  wxy = jnp.where(corner > 0, frac[..., None, :], 1.0 - frac[..., None, :])
+  limit = (sizes - 1)[:, None, None, :]                                          # [L,1,1,2]
+  inside = jnp.all((xy >= 0) & (xy <= limit), axis=-1)
+  xy = jnp.clip(xy, 0, limit).astype(jnp.int32)
+  width = sizes[:, 0].astype(np.int32)[:, None, None]
+  flat = starts[:, None, None] + xy[..., 1] * width + xy[..., 0]                 # [B,H,Q,L,P,4]
+  flat = flat + (jnp.arange(b * h, dtype=jnp.int32) * s).reshape(b, h, 1, 1, 1, 1)
   attn = attention_weights.astype(jnp.float32).transpose(0, 2, 1, 3, 4)          # [B,H,Q,L,P]
-  out = jnp.zeros((b, h, q, dh), jnp.float32)
-  start = 0
-  for lvl, (hl, wl) in enumerate(spatial_shapes):
-    table = value[:, :, start:start + hl * wl]                                    # [B,H,hl*wl,Dh]
-    start += hl * wl
-    # align_corners=False: pixel centres sit at (i + 0.5) / size.
-    x = loc[:, :, :, lvl, :, 0] * wl - 0.5                                        # [B,H,Q,P]
-    y = loc[:, :, :, lvl, :, 1] * hl - 0.5
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    fx = x - x0
-    fy = y - y0
-    idx, wts = [], []
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-      for dx, wx in ((0, 1.0 - fx), (1, fx)):
-        xi = x0 + dx
-        yi = y0 + dy
-        inside = (xi >= 0) & (xi <= wl - 1) & (yi >= 0) & (yi <= hl - 1)
-        flat = jnp.clip(yi, 0, hl - 1).astype(jnp.int32) * wl + jnp.clip(xi, 0, wl - 1).astype(jnp.int32)
-        idx.append(flat)
-        wts.append(jnp.where(inside, wx * wy, 0.0) * attn[:, :, :, lvl])
-    idx = jnp.stack(idx, -1).reshape(b, h, q * n_points * 4)                      # one gather for 4 corners
-    wts = jnp.stack(wts, -1).reshape(b, h, q, n_points * 4)
-    picked = jnp.take_along_axis(table, idx[..., None], axis=2, mode="clip")      # [B,H,Q*P*4,Dh]
-    picked = picked.reshape(b, h, q, n_points * 4, dh)
-    out = out + jnp.einsum("bhqk,bhqkd->bhqd", wts.astype(value.dtype), picked,
-                           preferred_element_type=jnp.float32)
+  wts = jnp.where(inside, wxy[..., 0] * wxy[..., 1], 0.0) * attn[..., None]
+  k = n_levels * n_points * 4
+  picked = jnp.take(table, flat.reshape(-1), axis=0, mode="clip").reshape(b, h, q, k, dh)
+  out = jnp.einsum("bhqk,bhqkd->bhqd", wts.reshape(b, h, q, k).astype(value.dtype), picked,
+                   preferred_element_type=jnp.float32)
   return out.transpose(0, 2, 1, 3).reshape(b, q, h * dh).astype(value.dtype)
 
 

@@ -196,6 +196,7 @@ class PixelDecoder(nn.Module):
   config: PixelDecoderConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  remat_policy: str = "none"   # or a jax.checkpoint_policies name, per encoder layer
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]):
@@ -225,7 +226,13 @@ class PixelDecoder(nn.Module):
     pos = jnp.concatenate(pos, 1).astype(dtype)
     ref = jnp.asarray(reference_points(shapes))
 
-    encoder = nn.scan(EncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+    layer = EncoderLayer
+    if self.remat_policy not in (None, "none"):
+      policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
+      if policy is None:
+        raise ValueError(f"pixel decoder remat_policy={self.remat_policy!r} is not a jax.checkpoint_policies name")
+      layer = nn.remat(EncoderLayer, policy=policy, prevent_cse=False)
+    encoder = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.encoder_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = encoder(cfg, shapes, name="encoder", **kw)(x, pos, ref)
