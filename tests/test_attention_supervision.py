@@ -63,7 +63,7 @@ def test_fused_recomputed_rows_equal_plain_values_and_grads():
   image_start = jnp.asarray([start, start + 1])
   grid = jnp.asarray((np.random.default_rng(0).random((b, 2, n_img)) > 0.5).astype(np.float32))
   valid = jnp.asarray([[True, True], [True, False]])
-  params = nn.meta.unbox(Phi(CFG).init(jax.random.PRNGKey(1), x[:, :3])["params"])
+  params = nn.meta.unbox(jax.jit(Phi(CFG).init)(jax.random.PRNGKey(1), x[:, :3])["params"])
 
   def run(impl):
     model = Phi(CFG, attention_impl=impl, remat_policy="nothing_saveable")

@@ -1,4 +1,6 @@
 """LoRA vs peft on PhiForCausalLM; merge == unmerged forward; PEFT adapter export loads in peft."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,9 +28,10 @@ def peft_model(hf):
   return pm.eval()
 
 
-def _forward(model, params, ids, mask=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, ids):
   e = model.apply({"params": params}, ids, method=Phi.embed)
-  return model.apply({"params": params}, e, mask)["logits"]
+  return model.apply({"params": params}, e)["logits"]
 
 
 def test_lora_matches_peft_and_adapter_round_trip(tmp_path):
@@ -46,7 +49,7 @@ def test_lora_matches_peft_and_adapter_round_trip(tmp_path):
   params = jax.tree_util.tree_map(jnp.asarray, params)
   assert params["layers"]["self_attn"]["q_proj"]["lora"]["a"].shape == (2, 40, 4)
   model = Phi(PhiConfig.from_hf(hf.config), lora=LORA)
-  out = np.asarray(jax.jit(lambda p, i: _forward(model, p, i))(params, jnp.asarray(ids)))
+  out = np.asarray(_forward(model, params, jnp.asarray(ids)))
   assert np.abs(out - ref).max() <= 1e-4, np.abs(out - ref).max()
 
   # Export base + PEFT adapter; peft loads them and gives the same logits.
@@ -70,7 +73,7 @@ def test_lora_matches_peft_and_adapter_round_trip(tmp_path):
 def test_merge_equals_unmerged_forward_and_unmerge_inverts():
   cfg = PhiConfig.from_dict(SHAPES["five_heads"])
   model = Phi(cfg, lora=LORA)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 60)))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4, 60)))["params"])
   # give B non-zero values
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.2 if any(getattr(k, "key", None) == "b" for k in p) else x, params)
@@ -93,9 +96,10 @@ def test_lora_dropout_active_only_when_not_deterministic():
   cfg = PhiConfig.from_dict(SHAPES["odd_rotary"])
   model = Phi(cfg, lora=LoraConfig(rank=2, alpha=4.0, dropout=0.5))
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 3, 40))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x)["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: v + 0.5 if any(getattr(k, "key", None) == "b" for k in p) else v, params)
-  a = model.apply({"params": params}, x)["logits"]
-  b = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})["logits"]
+  run = jax.jit(lambda p, key: (model.apply({"params": p}, x)["logits"],
+                                model.apply({"params": p}, x, deterministic=False, rngs={"dropout": key})["logits"]))
+  a, b = run(params, jax.random.PRNGKey(1))
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
