@@ -104,8 +104,6 @@ def test_segment_matches_jax_predict(exported):
 
   # LM logits of each generated step, teacher-forced through the JAX model, vs the torch KV-cache loop
   from segearth_jax.data.preprocess import trim_to_bucket
-  from segearth_jax.evaluate import make_predict_fn  # noqa: F401  (the path Predictor runs)
-  from segearth_jax.generate import generate
   from segearth_jax.models.segearth import make_llm
   from segearth_jax.train import device_part
 
@@ -113,13 +111,10 @@ def test_segment_matches_jax_predict(exported):
   ex = pred.pre(dict(id="x", image=image, masks=[], answer="", instruction=INSTRUCTION))
   batch = device_part(trim_to_bucket({k: np.asarray(v)[None] for k, v in ex.items()}, pred.pre.buckets))
   model_j = setup.model
-  embeds = model_j.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
-                         method=model_j.prompt_embeds)
   cfg = exported["config"].model
-  gen = generate(make_llm(cfg), params["llm"], inputs_embeds=embeds, prompt_len=batch["prompt_len"],
-                 max_new_tokens=MAX_NEW, eos_id=exported["tok"].eos_token_id, seg_id=seg, max_seg=cfg.max_seg)
-  mask_logits = np.asarray(model_j.apply({"params": params}, batch["swin_image"], gen["seg_hidden"],
-                                         gen["seg_valid"], method=model_j.masks_from_hidden)[-1][0])
+  # the steps of make_predict_fn, stopping before the threshold: mask logits of the last prediction
+  mask_logits = np.asarray(_mask_logits(model_j, make_llm(cfg), params, batch, exported["tok"].eos_token_id, seg,
+                                        cfg.max_seg))
   np.testing.assert_allclose(theirs["mask_logits"], mask_logits, atol=1e-3, rtol=0)
 
   p = int(batch["prompt_len"][0])
@@ -129,9 +124,23 @@ def test_segment_matches_jax_predict(exported):
   mask = np.zeros_like(batch["attention_mask"])
   mask[0, :p + len(toks)] = 1
   tf = dict(batch, input_ids=ids, attention_mask=mask)
-  out = model_j.apply({"params": params}, tf, with_seg_attn=False)
+  out = jax.jit(lambda prm, b: model_j.apply({"params": prm}, b, with_seg_attn=False))(params, tf)
   jax_logits = np.asarray(out["logits"][0, p - 1:p - 1 + len(toks)])
   np.testing.assert_allclose(theirs["logits"], jax_logits, atol=1e-3, rtol=0)
+
+
+def _mask_logits(model_j, llm, params, batch, eos, seg, max_seg):
+  from segearth_jax.generate import generate
+
+  @jax.jit
+  def run(params, batch):
+    embeds = model_j.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
+                           method=model_j.prompt_embeds)
+    gen = generate(llm, params["llm"], inputs_embeds=embeds, prompt_len=batch["prompt_len"],
+                   max_new_tokens=MAX_NEW, eos_id=eos, seg_id=seg, max_seg=max_seg)
+    return model_j.apply({"params": params}, batch["swin_image"], gen["seg_hidden"], gen["seg_valid"],
+                         method=model_j.masks_from_hidden)[-1][0]
+  return run(params, batch)
 
 
 def test_merged_lora_export_matches_adapter(exported, tmp_path):
