@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segearth_jax.errors import UserError
 from segearth_jax.models import attention as attn_lib
 from segearth_jax.models.layers import dtype_of, layer_norm
 from segearth_jax.models.lora import LoraConfig, LoraDense
@@ -34,13 +35,23 @@ class PhiConfig:
   intermediate_size: int = 10240
   num_hidden_layers: int = 32
   num_attention_heads: int = 32
-  num_key_value_heads: int = 32
+  num_key_value_heads: int | None = None   # None: = num_attention_heads (Phi-2)
   partial_rotary_factor: float = 0.4
   rope_theta: float = 10000.0
   layer_norm_eps: float = 1e-5
   max_position_embeddings: int = 2048
   hidden_act: str = "gelu_new"
   pad_vocab_to_multiple_of: int = 64   # used by resize_token_embeddings; params keep vocab_size rows
+
+  def __post_init__(self):
+    if not self.num_key_value_heads:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+      raise UserError(f"llm: hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} / "
+                      f"num_key_value_heads {self.num_key_value_heads} must divide evenly")
+    if self.rotary_dim % 2:  # transformers' rotate-half cannot handle it either
+      raise UserError(f"llm: rotary dim int(head_dim {self.head_dim} * partial_rotary_factor "
+                      f"{self.partial_rotary_factor}) = {self.rotary_dim} must be even")
 
   @property
   def head_dim(self) -> int:
