@@ -19,3 +19,16 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def repo_root():
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory):
+  """A small toy LaSeRS, built into TFDS once per test session: dict(manual_dir, data_dir, tokenizer)."""
+  from segearth_jax.data.toy_laserss import write_toy_laserss
+  from tfds_laserss.build import build
+
+  root = tmp_path_factory.mktemp("toy")
+  manual = root / "release"
+  write_toy_laserss(str(manual), images=30, seed=0)
+  build("laserss", manual_dir=str(manual), data_dir=str(root / "tfds"))
+  return dict(manual_dir=str(manual), data_dir=str(root / "tfds"), tokenizer=str(manual / "tokenizer"))

@@ -42,7 +42,14 @@ def test_sharded_steps_equal_unsharded(reference, axes):
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
   flat = dict(jax.tree_util.tree_leaves_with_path(params))
   moved = 0
+  lr_bound = 2 * config.train.lr * len(batches) * 1.01
   for path, r in flat_ref:
-    np.testing.assert_allclose(flat[path], r, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    name = jax.tree_util.keystr(path)
+    if "k_proj" in name and "bias" in name:
+      # softmax is invariant to the key bias: its exact gradient is 0, the computed one is float noise that
+      # Adam scales to ~lr per step whatever its sign; only its bound is a property of the step.
+      assert np.max(np.abs(flat[path] - r)) <= lr_bound, name
+      continue
+    np.testing.assert_allclose(flat[path], r, rtol=1e-5, atol=1e-5, err_msg=name)
     moved += 1
   assert moved > 50

@@ -1,0 +1,135 @@
+"""The training loop as users run it: 2 processes == 1 process, SIGKILL + restart == uninterrupted,
+a non-finite step stops the run naming the step and the batch's examples."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train_fixtures import REPO, TINY_OVERRIDES
+
+STEPS = 9
+CKPT_EVERY = 3
+
+
+def _overrides(ds, *extra):
+  return TINY_OVERRIDES + [
+      f"--config.data.data_dir={ds['data_dir']}", f"--config.data.manual_dir={ds['manual_dir']}",
+      f"--config.data.tokenizer={ds['tokenizer']}", f"--config.train.steps={STEPS}",
+      f"--config.train.ckpt_every={CKPT_EVERY}", "--config.loss.lambda_s=0.1", *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return env
+
+
+def _train_cmd(workdir, overrides):
+  return [sys.executable, "-m", "segearth_jax", "train", "--config", os.path.join(REPO, "experiments", "toy.py"),
+          "--workdir", str(workdir), *overrides]
+
+
+def _losses(workdir) -> dict:
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      rows[r["step"]] = r   # a step redone after a restart: the last record wins
+  return rows
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_dataset, tmp_path_factory):
+  """Single process, 8 devices, uninterrupted."""
+  wd = tmp_path_factory.mktemp("ref")
+  r = subprocess.run(_train_cmd(wd, _overrides(toy_dataset)), env=_env(8), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = _losses(wd)
+  assert sorted(rows) == list(range(1, STEPS + 1))
+  return rows
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(toy_dataset, reference_run, tmp_path):
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    ov = _overrides(toy_dataset, "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}")
+    procs.append(subprocess.Popen(_train_cmd(tmp_path, ov), env=_env(4), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  rows = _losses(tmp_path)
+  assert sorted(rows) == list(range(1, STEPS + 1))
+  for step in range(1, 4):
+    for k in ("loss", "text", "bce", "dice", "ls"):
+      np.testing.assert_allclose(rows[step][k], reference_run[step][k], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"step {step} {k}")
+
+
+def test_sigkill_and_restart_gives_the_same_losses(toy_dataset, reference_run, tmp_path):
+  cmd = _train_cmd(tmp_path, _overrides(toy_dataset))
+  p = subprocess.Popen(cmd, env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  target = tmp_path / "checkpoints" / str(CKPT_EVERY)
+  deadline = time.time() + 600
+  while not target.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed = _losses(tmp_path)
+  assert max(killed) < STEPS, "the run ended before it could be killed"
+  r = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step" in r.stdout + r.stderr
+  rows = _losses(tmp_path)
+  assert sorted(rows) == list(range(1, STEPS + 1))
+  for step in rows:
+    for k in ("loss", "text", "bce", "dice", "ls"):
+      np.testing.assert_allclose(rows[step][k], reference_run[step][k], rtol=1e-6, atol=1e-6,
+                                 err_msg=f"step {step} {k}")
+
+
+def test_non_finite_step_stops_with_step_and_ids(toy_dataset, tmp_path, monkeypatch):
+  from segearth_jax import train as train_lib
+  from segearth_jax.config import load_config
+
+  config = load_config(os.path.join(REPO, "experiments", "toy.py"), _overrides(toy_dataset))
+  calls = {"n": 0}
+  real = train_lib.device_part
+
+  def poisoned(batch):
+    out = real(batch)
+    calls["n"] += 1
+    if calls["n"] == 5:      # the batch of step 5
+      calls["ids"] = [str(i) for i in batch["example_id"]]
+      out["siglip_image"] = np.full_like(out["siglip_image"], np.nan)
+    return out
+
+  monkeypatch.setattr(train_lib, "device_part", poisoned)
+  with pytest.raises(train_lib.NonFiniteError) as e:
+    train_lib.train(config, str(tmp_path))
+  msg = str(e.value)
+  assert "step 5" in msg
+  assert all(i in msg for i in calls["ids"])
+  from segearth_jax.checkpointing import Checkpointer
+  ck = Checkpointer(str(tmp_path), async_save=False)
+  assert ck.latest_step() == CKPT_EVERY      # the last good checkpoint, nothing after the bad step
+  ck.close()
