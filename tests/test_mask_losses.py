@@ -79,7 +79,8 @@ def test_padding_sum_over_predictions_and_finite_gradients():
     o = mask_loss(lg, g, valid, key, **kw)
     return o["bce"] + o["dice"], o
 
-  (val, out), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(logits, jnp.asarray(gt))
+  step = jax.jit(jax.value_and_grad(total, has_aux=True))
+  (val, out), grads = step(logits, jnp.asarray(gt))
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grads)).all()
   np.testing.assert_allclose(float(out["bce"]), float(out["per_layer_bce"].sum()), rtol=1e-6)
   np.testing.assert_allclose(float(out["dice"]), float(out["per_layer_dice"].sum()), rtol=1e-6)
@@ -89,18 +90,18 @@ def test_padding_sum_over_predictions_and_finite_gradients():
   lg2 = logits.at[:, 1, 1:].set(jnp.nan).at[:, 0, 2].set(1e4)
   gt2 = gt.copy()
   gt2[1, 1:] = 1.0
-  (val2, _), _ = jax.jit(jax.value_and_grad(total, has_aux=True))(lg2, jnp.asarray(gt2))
+  (val2, _), _ = step(lg2, jnp.asarray(gt2))
   assert float(val2) == float(val)
   # normalisation by the number of real masks (3), not by slots (6): redo prediction 0 by hand
   coords = sample_points(logits[0].reshape(b * k, h, w), jax.random.split(key, p)[0], 256, 3.0, 0.75)
   pl = point_sample(logits[0].reshape(b * k, h, w), coords)
   lb = point_sample(jnp.asarray(gt).reshape(b * k, 16, 16), coords)
   t_pl, t_lb = torch.from_numpy(np.array(pl)), torch.from_numpy(np.array(lb))
-  real = np.asarray(valid).reshape(-1)
+  real = torch.from_numpy(np.asarray(valid).reshape(-1).copy())
   np.testing.assert_allclose(float(out["per_layer_bce"][0]),
                              sigmoid_cross_entropy_loss(t_pl[real], t_lb[real], 3).item(), rtol=1e-5)
   np.testing.assert_allclose(float(out["per_layer_dice"][0]), dice_loss(t_pl[real], t_lb[real], 3).item(),
                              rtol=1e-5)
   # all-empty batch: loss 0, no NaN
-  z = mask_loss(logits, jnp.asarray(gt), jnp.zeros((b, k), bool), key, **kw)
+  z = jax.jit(lambda lg, g: mask_loss(lg, g, jnp.zeros((b, k), bool), key, **kw))(logits, jnp.asarray(gt))
   assert float(z["bce"]) == 0.0 and float(z["dice"]) == 0.0
