@@ -25,6 +25,7 @@ import math
 import os
 import time
 
+import grain
 import numpy as np
 
 from segearth_jax.errors import UserError
@@ -71,6 +72,27 @@ class _EvalRow:
     return out
 
 
+class _GlobalBatchShard(grain.MapDataset):
+  """Process p of n takes rows p*B .. p*B+B-1 of every global batch of n*B shuffled rows, so a global
+  batch holds the same examples in the same order for any process count: a 2-host run computes what a
+  1-host run computes."""
+
+  def __init__(self, parent, index, count, per_process):
+    super().__init__(parent)
+    self._i, self._n, self._b = index, count, per_process
+
+  def __len__(self):
+    return len(self._parent) // self._n
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    return self._parent[(j // self._b) * (self._b * self._n) + self._i * self._b + j % self._b]
+
+  def __str__(self):
+    return f"GlobalBatchShard(process={self._i}/{self._n}, per_process={self._b})"
+
+
 def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, process_count=None,
                  seed=None):
   import grain
@@ -89,7 +111,9 @@ def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, p
   pre = preprocess.Preprocessor(config, tokenizer, train=train, source_name=f"{d.data_dir}/{d.name}/{split}")
   if train:
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds[pi::pc].map(pre)
+    if pc > 1:
+      ds = _GlobalBatchShard(ds, pi, pc, B)
+    ds = ds.map(pre)
   else:
     per_process = math.ceil(math.ceil(n / pc) / B) * B
     ds = grain.MapDataset.range(per_process).map(_EvalRow(source, pre, pi, pc, n))
