@@ -1,0 +1,291 @@
+"""The authors' released SegEarth-R2 PyTorch checkpoint (earth-insights/SegEarth-R2) -> our params.
+
+Their model (segearth_r2/model/language_model/llava_phi.py: ``SegEarthR2(MiphaPhiForCausalLM)``) keeps
+every part in one state dict. Key map (authors' key -> ours; '{i}' a layer index; verified by reading
+llava_phi.py, mipha_phi.py, siglip_encoder.py, mask_encoder/swin_trans.py, the pixel decoder
+msdeformattn.py and transformer_decoder/mask2former_transformer_decoder.py of their code):
+
+  model.vision_tower.vision_model.*       -> vision/*         SigLIP: their SiglipVisionTower holds a
+                                                              SiglipVisionTransformer as `.vision_model`,
+                                                              so the prefix is Mipha's (no second
+                                                              `.vision_tower`); `head.*` dropped
+  model.mm_projector.{0,2}.{weight,bias}  -> projector/fc1, fc2   (mlp2x_gelu)
+  model.embed_tokens / model.layers.{i}.* / model.final_layernorm.*  -> llm/*   (Phi-2, as Mipha)
+  lm_head.weight                          -> llm/lm_head/kernel
+      their lm_head is nn.Linear(hidden, 51200, bias=False) (resized to the tokenizer), unlike Mipha's:
+      our lm_head/bias is set to ZERO, which computes the same logits
+  SEG_token_projector.{weight,bias}       -> seg_projector/{kernel,bias}
+  model.vision_tower_mask.*               -> mask_head/swin/*   Swin in the original Swin / detectron2
+      naming (patch_embed, layers.{s}.blocks.{j}.attn.qkv, norm{s}, ...), i.e. detectron2's `backbone.*`
+      without the prefix; renamed to `backbone.*` and sent through swin_map.d2_swin_to_hf
+  pixel_decoder.*                         -> mask_head/pixel_decoder/*   detectron2's
+      `sem_seg_head.pixel_decoder.*` names except the FPN convs, which their code builds as
+      Sequential(Conv2d, GroupNorm, ReLU): `adapter_{k}.0.weight` / `adapter_{k}.1.{weight,bias}` (same
+      for `layer_{k}`); renamed back to detectron2's `adapter_{k}.weight` / `adapter_{k}.norm.*`. Their
+      Conv2d there has a bias (`adapter_{k}.0.bias`, `layer_{k}.0.bias`, zero-initialised because the
+      detectron2 weights they start from have none); ours (like detectron2 and transformers) has no conv
+      bias before the GroupNorm, so an all-zero bias is dropped and a non-zero one is an error (it cannot
+      be folded through GroupNorm) unless ``drop_fpn_bias=True``
+  predictor.*                             -> mask_head/mask_decoder/*   detectron2's
+      `sem_seg_head.predictor.*` (MultiScaleMaskedTransformerDecoder) names, sent through
+      mask_decoder_map.d2_mask_decoder_to_hf. Their decoder adds tensors that SegEarth-R2 inference never
+      reads (the queries are the projected [SEG] states with zero position; use_seg_query is off):
+      `query_feat`, `query_embed`, `SEG_query_embed`, `new_query_embed`, `SEG_proj.*` (only for the
+      training-time [SEG] class logits) and, with seg_norm, `SEG_norm.*` / `seg_proj_after_norm.*`:
+      all dropped. There is no `class_embed`.
+  model.rotary_emb.inv_freq, *.relative_position_index, *.position_ids: buffers, dropped.
+
+LoRA (r=8, alpha=16 on the Phi layers' q_proj and v_proj: their find_linear_layers picks every Linear
+named *q_proj*/*v_proj* outside the vision towers and mask modules). Two layouts are read:
+  merged (what merge_lora_weights_and_save_hf_model.py releases: `merge_and_unload()`, then
+      save_pretrained): plain keys as above, no LoRA tensors. If the config asks for LoRA, fresh LoRA
+      children are added (A as PEFT's init, B = 0, so the model's outputs are unchanged);
+  PEFT-wrapped (a state dict of the PeftModel, e.g. a consolidated DeepSpeed checkpoint): every key under
+      `base_model.model.`, adapted Linears as `<name>.base_layer.{weight,bias}` plus
+      `<name>.lora_A.default.weight` [r, in] / `<name>.lora_B.default.weight` [out, r] (the adapter name
+      `.default` may be absent) -> llm/layers/self_attn/{q_proj,v_proj}/lora/{a,b}. PEFT's scale
+      (alpha / r) is not stored in a state dict: ours comes from config.model.lora, which must match
+      the training run (theirs: alpha=16, r=8).
+A DeepSpeed `module.` prefix is stripped too. Sources: a folder of safetensors (sharded or not) or of
+`pytorch_model*.bin`, one .safetensors / .bin / .pt file (torch.load(weights_only=True); a top-level
+'state_dict' / 'module' / 'model' dict is unwrapped), or an in-memory dict of torch / numpy tensors.
+Tensors are cast to float32 (their release is float16) unless ``dtype`` says otherwise.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from segearth_jax.convert import name_map as nm
+from segearth_jax.errors import UserError
+
+VISION_PREFIX = "model.vision_tower.vision_model."
+PROJECTOR_PREFIX = "model.mm_projector."
+SWIN_PREFIX = "model.vision_tower_mask."
+PIXEL_DECODER_PREFIX = "pixel_decoder."
+PREDICTOR_PREFIX = "predictor."
+SEG_PROJECTOR_PREFIX = "SEG_token_projector."
+PEFT_PREFIX = "base_model.model."
+
+# predictor tensors that SegEarth-R2 inference never reads (see the module docstring)
+_PREDICTOR_UNUSED = re.compile(r"(SEG_query_embed\.weight|new_query_embed\.weight|SEG_proj\..*|"
+                               r"seg_proj_after_norm\..*|SEG_norm\..*)")
+_FPN = re.compile(r"(adapter|layer)_(\d+)\.([01])\.(weight|bias)")
+
+
+# ------------------------------------------------------------------------------------ sources
+def _to_numpy(v) -> np.ndarray:
+  if hasattr(v, "detach"):
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    return v.numpy()
+  return np.asarray(v)
+
+
+def _torch_file(path: str) -> dict:
+  try:
+    import torch
+  except ImportError as e:
+    raise UserError(f"{path}: reading a .bin/.pt checkpoint needs torch (or convert it to safetensors)") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many kinds (pickle, zip, weights_only refusals)
+    raise UserError(f"{path}: cannot read the torch checkpoint: {e}") from e
+  for k in ("state_dict", "module", "model"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping):
+      obj = obj[k]
+  if not isinstance(obj, Mapping):
+    raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  return dict(obj)
+
+
+def _source(src) -> tuple[list[str], Callable[[str], np.ndarray], str]:
+  """(keys, get, where) for a folder / file / in-memory state dict."""
+  if isinstance(src, Mapping):
+    return list(src), lambda k: _to_numpy(src[k]), "state dict"
+  path = os.fspath(src)
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such checkpoint file or folder")
+  if os.path.isdir(path):
+    if glob.glob(os.path.join(path, "*.safetensors")):
+      reader = nm.SafetensorsReader(path)
+      return reader.keys(), reader.get, path
+    bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not bins:
+      raise UserError(f"{path}: no *.safetensors or pytorch_model*.bin files")
+    sd = {}
+    for b in bins:
+      sd.update(_torch_file(b))
+    return list(sd), lambda k: _to_numpy(sd[k]), path
+  if path.endswith(".safetensors"):
+    reader = nm.SafetensorsReader(path)
+    return reader.keys(), reader.get, path
+  sd = _torch_file(path)
+  return list(sd), lambda k: _to_numpy(sd[k]), path
+
+
+def normalize_key(key: str) -> str:
+  """Strips the DeepSpeed / PEFT wrappers: `module.`, `base_model.model.`, `.base_layer.`, `.default.`."""
+  if key.startswith("module."):
+    key = key[len("module."):]
+  if key.startswith(PEFT_PREFIX):
+    key = key[len(PEFT_PREFIX):]
+  key = key.replace(".base_layer.", ".")
+  return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key)
+
+
+# ------------------------------------------------------------------------------------ name maps
+def authors_name_map(*, scan_layers: bool = True, lora_targets=()) -> nm.NameMap:
+  """The MLLM part (everything but the mask head) of the authors' keys, after ``normalize_key``."""
+  from segearth_jax.convert.phi_map import lora_rules, phi_rules
+  from segearth_jax.convert.siglip_map import projector_rules, siglip_ignore, siglip_rules
+
+  # phi_rules includes lm_head.bias; theirs has none (filled with zeros by authors_to_ours)
+  rules = [r for r in phi_rules("model.", "lm_head.", ours="llm/") if r.theirs != "lm_head.bias"]
+  rules += siglip_rules(VISION_PREFIX, "vision", scan_layers=scan_layers)
+  rules += projector_rules(PROJECTOR_PREFIX, "projector")
+  rules += [nm.Rule("seg_projector/kernel", SEG_PROJECTOR_PREFIX + "weight", nm.LINEAR),
+            nm.Rule("seg_projector/bias", SEG_PROJECTOR_PREFIX + "bias")]
+  if lora_targets:
+    rules += lora_rules(tuple(lora_targets), prefix="model.", ours="llm/")
+  return nm.NameMap(rules, ignore=(*siglip_ignore(VISION_PREFIX), r".*rotary_emb\.inv_freq"))
+
+
+def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[dict, dict]:
+  """Authors' Swin / pixel decoder / predictor tensors -> detectron2 Mask2Former keys (numpy), and the
+  map d2 key -> authors' key (for error messages)."""
+  d2, back = {}, {}
+  for k in keys:
+    if k.startswith(SWIN_PREFIX):
+      new = "backbone." + k[len(SWIN_PREFIX):]
+    elif k.startswith(PIXEL_DECODER_PREFIX):
+      rel = k[len(PIXEL_DECODER_PREFIX):]
+      m = _FPN.fullmatch(rel)
+      if m:
+        name, idx, sub, kind = m.groups()
+        if sub == "0" and kind == "bias":
+          b = get(k)
+          if np.any(b != 0) and not drop_fpn_bias:
+            raise UserError(f"{k}: a non-zero conv bias (max |b| = {float(np.max(np.abs(b))):.3g}); our pixel "
+                            f"decoder, like detectron2's and transformers', has no bias before this GroupNorm. "
+                            f"Pass drop_fpn_bias=True to drop it (outputs then differ slightly)")
+          continue
+        rel = f"{name}_{idx}.weight" if sub == "0" else f"{name}_{idx}.norm.{kind}"
+      new = "sem_seg_head.pixel_decoder." + rel
+    elif k.startswith(PREDICTOR_PREFIX):
+      rel = k[len(PREDICTOR_PREFIX):]
+      if _PREDICTOR_UNUSED.fullmatch(rel):
+        continue
+      new = "sem_seg_head.predictor." + rel
+    else:
+      continue
+    d2[new] = get(k)
+    back[new] = k
+  return d2, back
+
+
+def _mask_head(keys, get, where: str, *, scan_layers: bool, drop_fpn_bias: bool, dtype) -> dict:
+  from segearth_jax.convert.mask2former import d2_to_hf, mask2former_name_map
+  from segearth_jax.convert.swin_map import swin_layout
+
+  d2, back = authors_mask_head_to_d2(keys, get, drop_fpn_bias=drop_fpn_bias)
+  for part, px in (("Swin", SWIN_PREFIX), ("pixel decoder", PIXEL_DECODER_PREFIX), ("predictor", PREDICTOR_PREFIX)):
+    if not any(k.startswith(px) for k in keys):
+      raise UserError(f"{where}: no {part} tensors ({px}*): not a SegEarth-R2 checkpoint with its mask modules")
+  try:
+    hf = d2_to_hf(d2)
+    hf_keys = list(hf)
+    lay = swin_layout(hf_keys, "pixel_level_module.encoder.")
+    names = mask2former_name_map(False, input_projections=any(k.startswith("transformer_module.input_projections.")
+                                                              for k in hf_keys),
+                                 legacy=lay["legacy"], body=lay["body"], stage_norms=lay["stage_norms"],
+                                 scan_layers=scan_layers)
+    return names.to_ours(hf_keys, hf.__getitem__, dtype=dtype)
+  except (UserError, ValueError) as e:
+    msg = str(e)
+    for d2k, ak in back.items():  # name the authors' key, not our intermediate detectron2 one
+      msg = msg.replace(repr(d2k), repr(ak))
+    raise UserError(f"{where}: {msg}") from e
+
+
+# ------------------------------------------------------------------------------------ import
+def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32, drop_fpn_bias: bool = False) -> dict:
+  """The authors' checkpoint (folder, file, or state dict) -> our nested params (numpy):
+  {'vision', 'projector', 'llm' (+ 'lora' children when the source is PEFT-wrapped), 'seg_projector',
+  'mask_head': {'swin', 'pixel_decoder', 'mask_decoder'}}. llm/lm_head/bias is zeros (theirs has none)."""
+  keys, get, where = _source(src)
+  norm = {}
+  for k in keys:
+    n = normalize_key(k)
+    if n in norm:
+      raise UserError(f"{where}: keys {norm[n]!r} and {k!r} name the same tensor")
+    norm[n] = k
+  nget = lambda n: get(norm[n])  # noqa: E731
+  mask_keys = [n for n in norm if n.startswith((SWIN_PREFIX, PIXEL_DECODER_PREFIX, PREDICTOR_PREFIX))]
+  mask_set = set(mask_keys)
+  rest = [n for n in norm if n not in mask_set]
+  targets = sorted({m.group(1) for n in rest
+                    if (m := re.fullmatch(r"model\.layers\.\d+\.self_attn\.(\w+)\.lora_[AB]\.weight", n))})
+  try:
+    params = authors_name_map(scan_layers=scan_layers, lora_targets=targets).to_ours(rest, nget, dtype=dtype)
+  except nm.ConversionError as e:
+    raise UserError(f"{where}: {e} (the authors' key map is in segearth_jax/convert/authors_map.py)") from e
+  params["mask_head"] = _mask_head(mask_keys, nget, where, scan_layers=scan_layers, drop_fpn_bias=drop_fpn_bias,
+                                   dtype=dtype)
+  llm = params["llm"]
+  k = llm["lm_head"]["kernel"]
+  llm["lm_head"]["bias"] = np.zeros((k.shape[-1],), k.dtype)
+  return params
+
+
+def _lora_rank(llm: Mapping) -> int | None:
+  attn = llm["layers"]["self_attn"]
+  ranks = {int(np.shape(v["lora"]["a"])[-1]) for v in attn.values() if isinstance(v, Mapping) and "lora" in v}
+  return ranks.pop() if len(ranks) == 1 else (None if not ranks else -1)
+
+
+def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, seed: int = 0,
+                              drop_fpn_bias: bool = False) -> dict:
+  """The authors' checkpoint -> params shaped as ``build_model(config.model, vocab_size)``'s tree.
+
+  ``config``: our experiment ConfigDict (or its ``model``); ``vocab_size``: the tokenizer length
+  (default: the checkpoint's embedding rows). LoRA: a PEFT-wrapped source keeps its A/B (its rank and
+  targets must match config.model.lora); a merged one gets fresh LoRA children (B = 0) when the config
+  asks for LoRA. Raises UserError naming the key or the shape that does not fit."""
+  from segearth_jax.convert.checkpoint import _new_lora, check_shapes
+  from segearth_jax.models.lora import LoraConfig
+
+  m = config.model if hasattr(config, "model") else config
+  params = authors_to_ours(path, scan_layers=bool(m.scan_layers), drop_fpn_bias=drop_fpn_bias)
+  llm = params["llm"]
+  rank = _lora_rank(llm)
+  want = int(m.lora.rank) if m.get("lora") else 0
+  if rank == -1:
+    raise UserError(f"{path}: LoRA tensors of different ranks")
+  if rank is not None:
+    cfg = LoraConfig.from_dict(m.lora)
+    have = sorted(k for k, v in llm["layers"]["self_attn"].items() if isinstance(v, Mapping) and "lora" in v)
+    if rank != want or have != sorted(cfg.targets):
+      raise UserError(f"{path}: LoRA rank {rank} on {have}, but config.model.lora has rank {want} on "
+                      f"{sorted(cfg.targets)}; rerun with --config.model.lora.rank={rank} "
+                      f"--config.model.lora.targets={tuple(have)}")
+  elif want:
+    params["llm"] = _new_lora(llm, LoraConfig.from_dict(m.lora), np.random.default_rng(seed))
+  vocab = int(np.shape(llm["embed_tokens"]["embedding"])[0]) if vocab_size is None else int(vocab_size)
+  check_shapes(params, m, vocab, f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else ''}")
+  return params
+
+
+def import_authors_cli(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
+  """What a `segearth convert from-authors --checkpoint SRC --out W` command would run: a weights folder."""
+  from segearth_jax.convert.checkpoint import save_weights
+
+  params = import_authors_checkpoint(src, config, vocab_size=len(tokenizer) if tokenizer is not None else None,
+                                     seed=seed)
+  save_weights(params, config, out_dir, tokenizer, note=dict(authors_checkpoint=os.path.abspath(src), seed=seed))
+  return params
