@@ -218,6 +218,14 @@ def test_merged_torch_file_equals_hf_twin_without_lora(twin):
   q = full["llm"]["layers"]["self_attn"]["q_proj"]
   assert q["lora"]["a"].shape[-1] == twin["config"].model.lora.rank and np.all(q["lora"]["b"] == 0)
   assert np.array_equal(q["kernel"], want["llm"]["layers"]["self_attn"]["q_proj"]["kernel"])
+  # a tokenizer one token longer than the rows: padded to the config's multiple, old rows untouched
+  emb = want["llm"]["embed_tokens"]["embedding"]
+  grown = import_authors_checkpoint(twin["merged"], twin["config"], vocab_size=emb.shape[0] + 1)
+  mult = twin["config"].model.llm.pad_vocab_to_multiple_of
+  g = grown["llm"]
+  assert g["embed_tokens"]["embedding"].shape[0] == -(-(emb.shape[0] + 1) // mult) * mult
+  assert np.array_equal(g["embed_tokens"]["embedding"][:emb.shape[0]], emb)
+  assert g["lm_head"]["kernel"].shape[1] == g["embed_tokens"]["embedding"].shape[0]
 
 
 def test_unknown_and_unrepresentable_keys_are_named(twin):

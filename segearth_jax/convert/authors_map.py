@@ -254,11 +254,14 @@ def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, se
   """The authors' checkpoint -> params shaped as ``build_model(config.model, vocab_size)``'s tree.
 
   ``config``: our experiment ConfigDict (or its ``model``); ``vocab_size``: the tokenizer length
-  (default: the checkpoint's embedding rows). LoRA: a PEFT-wrapped source keeps its A/B (its rank and
+  (default: the checkpoint's embedding rows; rows the config's vocab padding adds are initialised as
+  from-hf does, transformers' mean resizing). LoRA: a PEFT-wrapped source keeps its A/B (its rank and
   targets must match config.model.lora); a merged one gets fresh LoRA children (B = 0) when the config
   asks for LoRA. Raises UserError naming the key or the shape that does not fit."""
   from segearth_jax.convert.checkpoint import _new_lora, check_shapes
+  from segearth_jax.convert.phi_map import resize_token_embeddings
   from segearth_jax.models.lora import LoraConfig
+  from segearth_jax.models.segearth import build_model
 
   m = config.model if hasattr(config, "model") else config
   params = authors_to_ours(path, scan_layers=bool(m.scan_layers), drop_fpn_bias=drop_fpn_bias)
@@ -276,13 +279,18 @@ def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, se
                       f"--config.model.lora.targets={tuple(have)}")
   elif want:
     params["llm"] = _new_lora(llm, LoraConfig.from_dict(m.lora), np.random.default_rng(seed))
-  vocab = int(np.shape(llm["embed_tokens"]["embedding"])[0]) if vocab_size is None else int(vocab_size)
+  rows = int(np.shape(llm["embed_tokens"]["embedding"])[0])
+  vocab = rows if vocab_size is None else int(vocab_size)
+  padded = build_model(m, vocab).config.llm.vocab_size
+  if rows < padded:  # the config pads the vocab (even sharding) or the tokenizer grew: grow as from-hf does
+    params["llm"] = resize_token_embeddings(params["llm"], padded, pad_to_multiple_of=None, seed=seed)
   check_shapes(params, m, vocab, f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else ''}")
   return params
 
 
-def import_authors_cli(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
-  """What a `segearth convert from-authors --checkpoint SRC --out W` command would run: a weights folder."""
+def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
+  """The authors' checkpoint -> a weights folder W (what a `segearth convert from-authors --checkpoint SRC
+  --out W` command would run; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer). Returns the params."""
   from segearth_jax.convert.checkpoint import save_weights
 
   params = import_authors_checkpoint(src, config, vocab_size=len(tokenizer) if tokenizer is not None else None,
