@@ -56,7 +56,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
