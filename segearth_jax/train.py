@@ -35,7 +35,8 @@ HOST_ONLY = ("example_id", "subsets", "answer")
 
 def maybe_initialize_distributed(config) -> None:
   d = config.distributed
-  if d.enabled and jax.process_count() == 1:
+  # before anything touches the XLA backend (jax.devices() included); once per process
+  if d.enabled and not jax.distributed.is_initialized():
     jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
                                num_processes=d.num_processes or None, process_id=d.process_id,
                                local_device_ids=list(d.local_device_ids) or None)

@@ -297,3 +297,16 @@ def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 
                                      seed=seed)
   save_weights(params, config, out_dir, tokenizer, note=dict(authors_checkpoint=os.path.abspath(src), seed=seed))
   return params
+
+
+def from_authors_cli(args) -> int:
+  """`segearth convert from-authors --checkpoint SRC --tokenizer DIR --out W [--config CFG]`."""
+  from segearth_jax.config import load_config
+  from segearth_jax.convert.checkpoint import DEFAULT_CONFIG
+  from segearth_jax.data.tokenizer import load_tokenizer
+
+  config = load_config(args.config or DEFAULT_CONFIG, getattr(args, "overrides", None) or [])
+  tokenizer = load_tokenizer(args.tokenizer)
+  from_authors(args.checkpoint, args.out, config, tokenizer, seed=int(config.train.seed))
+  print(f"written: {args.out} (use --weights {args.out} or --config.train.init_from={args.out})")
+  return 0
