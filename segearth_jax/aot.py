@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 
 # per-chip HBM (GiB) and the host block of chips used by the topology description
 TPU_CHIPS = {
@@ -72,8 +74,10 @@ def compile_train_step(config, topology: str) -> dict:
   step = jax.jit(setup.train_step, in_shardings=(setup.state_shardings, setup.frozen_shardings,
                                                  setup.batch_shardings(batch)),
                  out_shardings=(setup.state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  t0 = time.perf_counter()
   with mesh, shd.axis_rules():
     compiled = step.lower(state, frozen, abatch).compile()
+  compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -89,7 +93,9 @@ def compile_train_step(config, topology: str) -> dict:
               fits=bool(total <= TPU_CHIPS[gen]["hbm_gib"]),
               xla_flops_per_chip=float(cost.get("flops", float("nan"))) if cost else None,
               formula_flops_per_step=formula * config.train.batch_size,
-              formula_flops_per_chip=formula * config.train.batch_size / len(devices))
+              formula_flops_per_chip=formula * config.train.batch_size / len(devices),
+              compile_s=round(compile_s, 1),
+              host_peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2))
 
 
 def cli_main(args) -> int:

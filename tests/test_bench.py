@@ -67,3 +67,15 @@ def test_host_transfers_counts_callbacks():
   x = np.ones(3, np.float32)
   assert host_transfers(jax.jit(f).lower(x).compile()) >= 1
   assert host_transfers(jax.jit(lambda x: x + 1).lower(x).compile()) == 0
+
+
+def test_summarize_trace(tmp_path):
+  from segearth_jax.bench import summarize_trace
+  f = jax.jit(lambda x: (x @ x.T).sum())
+  x = np.ones((64, 64), np.float32)
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    f(x).block_until_ready()
+  s = summarize_trace(str(tmp_path), top=5)
+  assert s["planes"] and 0 < len(s["top"]) <= 5 and s["total_ms"] > 0
+  assert s["top"][0]["ms"] >= s["top"][-1]["ms"]

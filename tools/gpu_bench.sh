@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one GPU check of issue 8 (about 6-8 minutes on one H100/H200). Prints JSON lines and writes them
+# (with logs and the profile summary) under $OUT. Each part has its own timeout; a failure is logged and
+# the next part still runs.
+#
+# Prepare once on the CPU host, in the repo root (both folders are in .git/info/exclude):
+#   mkdir -p .peer && cp ../shared/bench/peer_torch.py ../shared/bench/peer_torch_predict.py .peer/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl ml_collections==1.1.0   # the device image lacks it
+# Then: run(command="bash tools/gpu_bench.sh", carry=[".peer", ".whl"], timeout_s=600)
+set -x
+OUT=${OUT:-/tmp/gpu_bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+PEER=${PEER_DIR:-.peer}
+[ -f "$PEER/peer_torch.py" ] || PEER=../shared/bench
+CFG=experiments/bench_h100.py
+RES="$OUT/results.jsonl"
+: > "$RES"
+
+part() {  # part NAME SECONDS CMD...: run with a timeout, keep its log, copy its JSON lines to results
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s)
+  timeout -k 10 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -h '^{' "$OUT/$name.log" >> "$RES"
+  echo "{\"part\": \"$name\", \"rc\": $rc, \"wall_s\": $(( $(date +%s) - t0 ))}" | tee -a "$RES"
+  tail -n 5 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
+
+# 1. ours: the train step at the peer's shapes (B=4, 829->832 tokens, L_S on), then a profile of 3 more
+#    steps (not timed) summarised as top ops by GPU time
+part train 240 python3 -m segearth_jax.bench profile --config "$CFG" --steps 10 --trace-dir /tmp/trace --top 30
+# 2. the PyTorch peer at the same shapes: eager attention (L_S on, as the authors)
+part peer_train 120 env B=4 ATTN=eager N=8 python3 "$PEER/peer_torch.py"
+# 3. ours: seconds per instruction (prefill 830 tokens + exactly 128 new tokens + masks), batch 1
+part predict 150 python3 -m segearth_jax bench predict --config "$CFG" --steps 5
+# 4. the peer's HF generate path, same prompt and 128 new tokens
+part peer_predict 100 env NEW=128 N=5 python3 "$PEER/peer_torch_predict.py"
+# 5. attention fwd+bwd, XLA vs cuDNN, at the Phi-2 and SigLIP shapes (is the 'fused' path on cuDNN?)
+part attention 60 python3 -m segearth_jax.bench attention
+cat "$RES"
