@@ -56,6 +56,7 @@ def reference_run(toy_dataset, tmp_path_factory):
   assert r.returncode == 0, r.stderr[-3000:]
   rows = _losses(wd)
   assert sorted(rows) == list(range(1, STEPS + 1))
+  rows["workdir"] = str(wd)
   return rows
 
 
@@ -79,7 +80,7 @@ def test_two_processes_match_one(toy_dataset, reference_run, tmp_path):
     assert p.returncode == 0, err[-3000:]
   rows = _losses(tmp_path)
   assert sorted(rows) == list(range(1, STEPS + 1))
-  for step in range(1, 4):
+  for step in range(1, 4):  # the issue asks for 3 steps; the run goes on to checkpointing
     for k in ("loss", "text", "bce", "dice", "ls"):
       np.testing.assert_allclose(rows[step][k], reference_run[step][k], rtol=1e-5, atol=1e-5,
                                  err_msg=f"step {step} {k}")
@@ -133,3 +134,29 @@ def test_non_finite_step_stops_with_step_and_ids(toy_dataset, tmp_path, monkeypa
   ck = Checkpointer(str(tmp_path), async_save=False)
   assert ck.latest_step() == CKPT_EVERY      # the last good checkpoint, nothing after the bad step
   ck.close()
+
+
+def test_predict_cli_writes_masks_and_overlay(toy_dataset, reference_run, tmp_path):
+  """`segearth predict` on a toy test image, as a user would after training (any size/format in, original size out)."""
+  from PIL import Image
+  src = os.path.join(toy_dataset["manual_dir"], "test", "images")
+  name = sorted(os.listdir(src))[0]
+  img = Image.open(os.path.join(src, name)).convert("RGB").resize((300, 200))
+  jpg = tmp_path / "scene.jpg"
+  img.save(jpg)                                        # non-square JPEG: letterboxed in, un-letterboxed out
+  out = tmp_path / "pred"
+  r = subprocess.run([sys.executable, "-m", "segearth_jax", "predict", "--workdir", reference_run["workdir"],
+                      "--image", str(jpg), "--instruction", "the storage tanks", "--out", str(out)],
+                     env=_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  pred = json.loads((out / "prediction.json").read_text())
+  assert pred["instruction"] == "the storage tanks" and isinstance(pred["answer"], str)
+  overlay = Image.open(out / "overlay.png")
+  assert overlay.width == 300 and overlay.height >= 200
+  for i, rle in enumerate(pred["masks"]):
+    assert rle["size"] == [200, 300]
+    assert Image.open(out / f"mask_{i}.png").size == (300, 200)
+  bad = subprocess.run([sys.executable, "-m", "segearth_jax", "predict", "--workdir", reference_run["workdir"],
+                        "--image", str(tmp_path / "missing.png"), "--instruction", "x"],
+                       env=_env(1), capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
