@@ -8,8 +8,10 @@ def get_config(arg=None):
   c.data.data_dir = "runs/demo/tfds"
   c.data.manual_dir = "runs/demo/toy_laserss"
   c.data.tokenizer = "runs/demo/toy_laserss/tokenizer"
-  c.data.text_buckets = (96, 160)
-  c.data.max_len = 160
+  c.data.text_buckets = (160, 224)
+  c.data.max_len = 224
+  # Trained from scratch, the tiny LLM has never seen the longer eval preface: evaluate with the train prompt.
+  c.data.eval_prompt = c.data.train_prompt
   c.loss.num_points = 1024
   c.train.steps = 300
   c.train.batch_size = 8

@@ -51,7 +51,8 @@ class SegEarthR2(nn.Module):
     c = self.config
     dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
     self.vision = SiglipVisionTower(SiglipConfig.from_dict(c.vision), dtype=dtype, param_dtype=pdtype,
-                                    scan_layers=c.scan_layers, remat_policy=c.remat_policy)
+                                    scan_layers=c.scan_layers, remat_policy=c.remat_policy,
+                                    attention_impl=c.attention_impl)
     self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.projector_hidden_act,
                                dtype=dtype, param_dtype=pdtype)
     self.llm = make_llm(c)
