@@ -13,13 +13,13 @@ def get_config(arg=None):
   # Trained from scratch, the tiny LLM has never seen the longer eval preface: evaluate with the train prompt.
   c.data.eval_prompt = c.data.train_prompt
   c.loss.num_points = 1024
-  c.train.steps = 300
+  c.train.steps = 1200
   c.train.batch_size = 8
-  c.train.lr = 1e-3
+  c.train.lr = 2e-3
   c.train.weight_decay = 0.0
   c.train.warmup_ratio = 0.05
   c.train.log_every = 10
-  c.train.ckpt_every = 100
+  c.train.ckpt_every = 400
   # the tiny model starts from random weights: train everything that the paper trains, plus the rest
   c.train.trainable = ("vision", "projector", "llm", "lm_head", "lora", "swin", "seg_projector",
                        "pixel_decoder", "mask_decoder")
