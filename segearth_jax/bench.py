@@ -274,7 +274,8 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict:
     return dict(error=f"no .xplane.pb under {trace_dir}")
   data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
   planes = list(data.planes)
-  device = [p for p in planes if p.name.startswith("/device:")]
+  # accelerator planes; '/device:CUSTOM:...' planes (e.g. Megascale) hold no op events
+  device = [p for p in planes if p.name.startswith("/device:") and not p.name.startswith("/device:CUSTOM")]
   use = device or [p for p in planes if p.name.startswith("/host:")]
   totals, counts, lines_seen = collections.Counter(), collections.Counter(), set()
   for plane in use:

