@@ -242,7 +242,8 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
   history = []
   try:
     from tqdm import tqdm
-    bar = tqdm(total=end, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=end, initial=start, disable=True if not is_main else None,  # None: off when not a TTY
+                dynamic_ncols=True, desc="train", mininterval=2.0)
     for step in range(start, end):
       host = next(data_iter)
       batch = device_part(host)
