@@ -76,7 +76,15 @@ def compile_train_step(config, topology: str) -> dict:
                  out_shardings=(setup.state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()
   with mesh, shd.axis_rules():
-    compiled = step.lower(state, frozen, abatch).compile()
+    lowered = step.lower(state, frozen, abatch)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # the compiler refuses a step that cannot fit: that is the answer, not a crash
+    return dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=config.train.batch_size,
+                seq_len=length, fits=False, hbm_gib=TPU_CHIPS[gen]["hbm_gib"], compiler=str(e).splitlines()[0][:300])
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()

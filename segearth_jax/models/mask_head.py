@@ -22,11 +22,12 @@ class MaskHead(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
+  remat_policy: str = "none"  # the trained pixel decoder's encoder layers (their sampled values are large)
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.swin = SwinBackbone(self.swin_cfg, scan_layers=self.scan_layers, **kw)
-    self.pixel_decoder = PixelDecoder(self.pixel_cfg, **kw)
+    self.pixel_decoder = PixelDecoder(self.pixel_cfg, remat_policy=self.remat_policy, **kw)
     self.mask_decoder = MaskDecoder(self.decoder_cfg, **kw)
 
   def features(self, swin_image):

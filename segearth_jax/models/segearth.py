@@ -60,7 +60,8 @@ class SegEarthR2(nn.Module):
                                param_dtype=pdtype)
     self.mask_head = MaskHead(SwinConfig.from_dict(c.swin),
                               PixelDecoderConfig.from_dict(c.pixel_decoder, swin_channels(c)),
-                              MaskDecoderConfig.from_dict(c.mask_decoder), dtype=dtype, param_dtype=pdtype)
+                              MaskDecoderConfig.from_dict(c.mask_decoder), dtype=dtype, param_dtype=pdtype,
+                              remat_policy=c.remat_policy)
 
   # --- pieces, so generation can run the LLM step by step -------------------------------------------
   def prompt_embeds(self, siglip_image, input_ids, image_start):
