@@ -35,7 +35,7 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 def topology_devices(topology: str):
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server on a CPU host
-  # libtpu takes /tmp/libtpu_lockfile per host; compiling needs no chip, so several processes may load it
+  # libtpu takes a per-host lock file; compiling needs no chip, so several processes may load it
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 

@@ -86,7 +86,7 @@ class TrainSetup:
     boxed = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)["params"]
     param_sh = shd.logical_shardings(boxed, mesh)
     train_sh, frozen_sh = split_params(param_sh, config.train.trainable)
-    abstract_train, _ = split_params(nn.unbox(boxed), config.train.trainable)
+    abstract_train, abstract_frozen = split_params(nn.unbox(boxed), config.train.trainable)
     opt_abstract = jax.eval_shape(tx.init, abstract_train)
     rep = shd.replicated(mesh)
     opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_abstract, train_sh,
@@ -95,7 +95,6 @@ class TrainSetup:
     setup = cls(config, mesh, model, tx, schedule, state_sh, frozen_sh, param_sh)
     with_sh = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    abstract_frozen = split_params(nn.unbox(boxed), config.train.trainable)[1]
     setup.abstract = (with_sh(dict(params=abstract_train, opt_state=opt_abstract,
                                    step=jax.ShapeDtypeStruct((), jnp.int32),
                                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), state_sh),

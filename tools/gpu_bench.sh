@@ -9,12 +9,12 @@
 #     --platform manylinux_2_17_x86_64 -d .whl ml_collections==1.1.0   # the device image lacks it
 # Then: run(command="bash tools/gpu_bench.sh", carry=[".peer", ".whl"], timeout_s=600)
 set -x
-OUT=${OUT:-/tmp/gpu_bench_out}
+OUT=${OUT:-runs/gpu_bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl \
+    && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 PEER=${PEER_DIR:-.peer}
 [ -f "$PEER/peer_torch.py" ] || PEER=../shared/bench
@@ -37,7 +37,7 @@ python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, op
 
 # 1. ours: the train step at the peer's shapes (B=4, 829->832 tokens, L_S on), then a profile of 3 more
 #    steps (not timed) summarised as top ops by GPU time
-part train 240 python3 -m segearth_jax.bench profile --config "$CFG" --steps 10 --trace-dir /tmp/trace --top 30
+part train 240 python3 -m segearth_jax.bench profile --config "$CFG" --steps 10 --trace-dir "$OUT/trace" --top 30
 # 2. the PyTorch peer at the same shapes: eager attention (L_S on, as the authors)
 part peer_train 120 env B=4 ATTN=eager N=8 python3 "$PEER/peer_torch.py"
 # 3. ours: seconds per instruction (prefill 830 tokens + exactly 128 new tokens + masks), batch 1
