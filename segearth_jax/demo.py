@@ -2,7 +2,7 @@
 
 Each stage is the same code path a user runs by hand (`segearth data toy`, `segearth data build`,
 `segearth train`, `segearth eval`, `segearth predict`); the demo only chains them and writes
-``runs/demo/report.md``. Stages that have not landed yet are reported as such.
+``runs/demo/report.md``.
 """
 from __future__ import annotations
 
@@ -42,47 +42,34 @@ def cli_main(args) -> int:
                f"--config.data.tokenizer={os.path.join(toy_dir, 'tokenizer')}"]
   config = load_config(args.config, overrides)
 
-  try:
-    from tfds_laserss.build import build
-  except ImportError:
-    build = None
-  if build is not None:
-    t = _stage("TFDS build")
-    build("laserss", manual_dir=toy_dir, data_dir=config.data.data_dir)
-    timings["tfds build"] = time.time() - t
+  from tfds_laserss.build import build
+  from segearth_jax.evaluate import evaluate_workdir, format_table
+  from segearth_jax.infer import predict_examples
+  from segearth_jax.train import train
+
+  t = _stage("TFDS build")
+  build("laserss", manual_dir=toy_dir, data_dir=config.data.data_dir)
+  timings["tfds build"] = time.time() - t
 
   workdir = os.path.join(out, "workdir")
-  try:
-    from segearth_jax.train import train
-    from segearth_jax.evaluate import evaluate_workdir
-  except ImportError as e:
-    report += [f"Training/evaluation not available yet ({e})."]
-    train = None
-  if train is not None:
-    t = _stage("train")
-    train(config, workdir)
-    timings["train"] = time.time() - t
-    report += ["## Training", "", "![loss](workdir/loss.png)", ""]
+  t = _stage("train")
+  train(config, workdir)
+  timings["train"] = time.time() - t
+  report += ["## Training", "", "![loss](workdir/loss.png)", ""]
 
-    t = _stage("eval")
-    results = evaluate_workdir(config, workdir, "test", with_baselines=True)
-    timings["eval"] = time.time() - t
-    with open(os.path.join(out, "eval.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    from segearth_jax.evaluate import format_table
-    table = format_table(results)
-    print(table)
-    report += ["## Evaluation (toy test split)", "", table, ""]
+  t = _stage("eval")
+  results = evaluate_workdir(config, workdir, "test", with_baselines=True)
+  timings["eval"] = time.time() - t
+  with open(os.path.join(out, "eval.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  table = format_table(results)
+  print(table)
+  report += ["## Evaluation (toy test split)", "", table, ""]
 
-    try:
-      from segearth_jax.infer import predict_examples
-    except ImportError:
-      predict_examples = None
-    if predict_examples is not None:
-      t = _stage("predict")
-      pics = predict_examples(config, workdir, toy_dir, os.path.join(out, "predictions"), n=8)
-      timings["predict"] = time.time() - t
-      report += ["## Predictions", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in pics]
+  t = _stage("predict")
+  pics = predict_examples(config, workdir, toy_dir, os.path.join(out, "predictions"), n=8)
+  timings["predict"] = time.time() - t
+  report += ["## Predictions", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in pics]
 
   report += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in timings.items()]
   with open(os.path.join(out, "report.md"), "w") as f:

@@ -53,6 +53,7 @@ def _crop(mask, letterbox):
 def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: bool = False,
              max_batches: int | None = None) -> dict:
   from segearth_jax.data.pipeline import global_batch, make_dataset
+  from segearth_jax.data.preprocess import decode_rle
   from segearth_jax.train import device_part
 
   config = setup.config
@@ -62,7 +63,7 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
   overall, empty = IoUAccumulator(), IoUAccumulator()
   per_subset = defaultdict(IoUAccumulator)
   no_target = [0, 0]
-  samples = []
+  records = []
   rng = jax.random.key(config.infer.seed)
   for i, host in enumerate(dataset):
     if max_batches is not None and i >= max_batches:
@@ -76,25 +77,28 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
       lb = host["letterbox"][b]
       n_gt = int(np.sum(host["seg_valid"][b]))
       gts = [_crop(host["masks"][b, j], lb) for j in range(n_gt)]
+      gts += [decode_rle(r) for r in json.loads(str(host["beyond_cap"][b]))]   # past the [SEG] cap
+      n_gt = len(gts)
       n_pred = int(np.sum(out["seg_valid"][b]))
       preds = [_crop(out["masks"][b, j], lb) for j in range(n_pred)]
       subsets = [s for s in str(host.get("subsets", [""] * (b + 1))[b]).split("|") if s]
+      ious = []
       if n_gt == 0:
         no_target[0] += int(n_pred == 0)
         no_target[1] += 1
       else:
-        overall.add_record(preds, gts)
+        ious = overall.add_record(preds, gts)
         empty.add_record([], gts)
         for s in subsets:
           per_subset[s].add_record(preds, gts)
-      if len(samples) < 16:
-        toks = out["tokens"][b, : int(out["lengths"][b])]
-        samples.append(dict(id=str(host["example_id"][b]), answer=tokenizer.decode(toks),
-                            n_pred=n_pred, n_gt=n_gt))
+      # one entry per record, for error analysis (which subsets, wrong [SEG] count, which masks missed)
+      answer = tokenizer.decode(out["tokens"][b, : int(out["lengths"][b])])
+      records.append(dict(id=str(host["example_id"][b]), subsets=subsets, answer=answer, n_pred=n_pred,
+                          n_gt=n_gt, ious=[round(float(v), 4) for v in ious]))
   result = dict(split=split, overall=overall.summary(),
                 subsets={k: v.summary() for k, v in sorted(per_subset.items())},
                 no_target_accuracy=(no_target[0] / no_target[1]) if no_target[1] else None,
-                no_target_records=no_target[1], samples=samples)
+                no_target_records=no_target[1], records=records)
   subset_gious = [v["gIoU"] for k, v in result["subsets"].items() if k != "no_target"]
   result["mean_over_subsets"] = float(np.mean(subset_gious)) if subset_gious else None
   if with_baselines:

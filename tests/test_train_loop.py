@@ -160,3 +160,34 @@ def test_predict_cli_writes_masks_and_overlay(toy_dataset, reference_run, tmp_pa
                         "--image", str(tmp_path / "missing.png"), "--instruction", "x"],
                        env=_env(1), capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_eval_cli_scores_every_test_record(toy_dataset, reference_run, tmp_path):
+  """`segearth eval` on the trained toy workdir: one entry per test record, and the reported overall
+  gIoU / no-target figures are exactly what those per-record entries add up to."""
+  wd = reference_run["workdir"]
+  r = subprocess.run([sys.executable, "-m", "segearth_jax", "eval", "--config",
+                      os.path.join(REPO, "experiments", "toy.py"), "--workdir", wd, "--split", "test",
+                      *_overrides(toy_dataset)], env=_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "| **overall** |" in r.stdout and "baseline: random_init" in r.stdout
+  result = json.loads(open(os.path.join(wd, "eval", "test.json")).read())
+  ann_dir = os.path.join(toy_dataset["manual_dir"], "test", "annotations")
+  truth = {}
+  for name in os.listdir(ann_dir):
+    for a in json.load(open(os.path.join(ann_dir, name))):
+      truth[a["id"]] = len(a["mask"])
+  records = result["records"]
+  assert sorted(x["id"] for x in records) == sorted(truth)
+  for x in records:
+    assert x["n_gt"] == truth[x["id"]] and len(x["ious"]) == x["n_gt"], x
+    assert isinstance(x["answer"], str) and 0 <= x["n_pred"]
+  ious = [v for x in records for v in x["ious"]]
+  assert result["overall"]["units"] == len(ious)
+  assert abs(result["overall"]["gIoU"] - float(np.mean(ious))) < 1e-3   # records are rounded to 4 places
+  no_target = [x for x in records if x["n_gt"] == 0]
+  assert result["no_target_records"] == len(no_target) == sum(n == 0 for n in truth.values())
+  if no_target:
+    assert result["no_target_accuracy"] == sum(x["n_pred"] == 0 for x in no_target) / len(no_target)
+  assert result["baselines"]["all_empty"]["gIoU"] == 0.0
+  assert result["step"] == STEPS

@@ -9,7 +9,8 @@ Batch contract (B = per-process batch = train.batch_size / process_count; static
   siglip_image f32[B,S,S,3]  swin_image f32[B,M,M,3]  input_ids/attention_mask/labels i32[B,L]
   image_start i32[B]  seg_positions i32[B,K]  seg_valid bool[B,K]  masks u8[B,K,M,M]
   mask_grid f32[B,K,G,G]  letterbox i32[B,4] (orig_h, orig_w, resized_h, resized_w)  sample_valid bool[B]
-  example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined).
+  example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined),
+  beyond_cap str[B] (JSON list of COCO RLE canvas masks of the targets past the [SEG] cap).
 L is the smallest of data.text_buckets that fits the batch's longest row.
 
 Train: the epoch is shuffled with the seed (a new order each epoch), repeated forever, and process p takes
@@ -31,7 +32,7 @@ import numpy as np
 from segearth_jax.errors import UserError
 from segearth_jax.data import preprocess
 
-_HOST_ONLY = ("example_id", "answer", "subsets")
+_HOST_ONLY = ("example_id", "answer", "subsets", "beyond_cap")
 
 
 def open_source(name: str, split: str, data_dir: str):

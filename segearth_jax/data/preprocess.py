@@ -13,6 +13,7 @@ longest bucket; `trim_to_bucket` cuts a batch to the smallest bucket that fits i
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -190,6 +191,7 @@ class Preprocessor:
     else:
       seg_pos = []
     n = len(masks)
+    beyond_cap = masks[K:]
     if n > K:
       self.stats["seg_capped"] += 1
       self._warn("seg_capped", f"records with more than {K} [SEG] capped to {K}")
@@ -227,7 +229,22 @@ class Preprocessor:
       out["answer"] = np.str_(answer)
       subsets = ex.get("subsets", [])
       out["subsets"] = np.str_("|".join(_text(s) for s in subsets))
+      # Targets past the [SEG] cap still count in evaluation (as targets the model could not answer):
+      # their canvas masks, cropped to the image, travel as COCO RLE in one string field.
+      out["beyond_cap"] = np.str_(json.dumps([encode_rle(letterbox_mask(m, self.M, rh, rw)[:rh, :rw])
+                                              for m in beyond_cap]))
     return out
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+  from pycocotools import mask as mask_utils
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+  from pycocotools import mask as mask_utils
+  return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
 def as_padding(example: dict) -> dict:
