@@ -97,6 +97,8 @@ def _predictor_to_authors(hf: dict, rng, hidden: int) -> dict:
           break
       else:
         raise AssertionError(f"fixture: unexpected decoder key {k}")
+    elif m := re.fullmatch(r"input_projections\.(\d+)\.(weight|bias)", k):   # feature_size != hidden_dim
+      out[f"input_proj.{m[1]}.{m[2]}"] = v
     elif m := re.fullmatch(r"decoder\.layernorm\.(weight|bias)", k):
       out[f"decoder_norm.{m[1]}"] = v
     elif m := re.fullmatch(r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)", k):
