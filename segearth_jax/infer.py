@@ -130,14 +130,13 @@ class Predictor:
 
 
 def write_prediction(result: dict, image: np.ndarray, out_dir: str, instruction: str) -> str:
-  from pycocotools import mask as mask_utils
+  from segearth_jax.data import rle
 
   os.makedirs(out_dir, exist_ok=True)
   rles = []
   for i, m in enumerate(result["masks"]):
     Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(out_dir, f"mask_{i}.png"))
-    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    rles.append({"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")})
+    rles.append(rle.encode(m))
   with open(os.path.join(out_dir, "prediction.json"), "w") as f:
     json.dump(dict(instruction=instruction, answer=result["answer"], phrases=result["phrases"], masks=rles),
               f, indent=2)

@@ -20,6 +20,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from segearth_jax.data import rle
 from segearth_jax.errors import UserError
 
 IGNORE = -100
@@ -231,20 +232,9 @@ class Preprocessor:
       out["subsets"] = np.str_("|".join(_text(s) for s in subsets))
       # Targets past the [SEG] cap still count in evaluation (as targets the model could not answer):
       # their canvas masks, cropped to the image, travel as COCO RLE in one string field.
-      out["beyond_cap"] = np.str_(json.dumps([encode_rle(letterbox_mask(m, self.M, rh, rw)[:rh, :rw])
+      out["beyond_cap"] = np.str_(json.dumps([rle.encode(letterbox_mask(m, self.M, rh, rw)[:rh, :rw])
                                               for m in beyond_cap]))
     return out
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-  from pycocotools import mask as mask_utils
-  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-  from pycocotools import mask as mask_utils
-  return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
 def as_padding(example: dict) -> dict:

@@ -8,8 +8,8 @@ import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pycocotools import mask as mask_utils
 
+from segearth_jax.data import rle
 from segearth_jax.errors import UserError
 
 COLORS = ((255, 40, 40), (40, 200, 255), (255, 220, 0), (200, 60, 255), (60, 255, 90), (255, 140, 0))
@@ -51,8 +51,8 @@ def _tile(release_dir, split, rec):
   except OSError as e:
     raise UserError(f"record {rec['id']}: cannot read image {path!r}") from e
   rgb = np.asarray(img).astype(np.float32)
-  for k, rle in enumerate(rec.get("mask", [])):
-    m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+  for k, r in enumerate(rec.get("mask", [])):
+    m = rle.decode(r)
     if m.shape != rgb.shape[:2]:
       raise UserError(f"record {rec['id']}: mask {k} is {m.shape}, image is {rgb.shape[:2]}")
     color = np.asarray(COLORS[k % len(COLORS)], np.float32)

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from segearth_jax.data import instructions as ins
+from segearth_jax.data import rle
 from segearth_jax.data.scenes import SCENE_TYPES, draw_scene
 from segearth_jax.data.tokenizer import EOS_TOKEN, train_toy_tokenizer
 from segearth_jax.errors import UserError
@@ -31,11 +31,6 @@ def split_sizes(n: int) -> dict:
     raise UserError(f"--images must be at least 3 (one scene per split), got {n}")
   test, val = max(1, round(0.2 * n)), max(1, round(0.1 * n))
   return {"train": n - test - val, "val": val, "test": test}
-
-
-def encode_mask(m: np.ndarray) -> dict:
-  rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _pick_kinds(rng, split, covered):
@@ -123,7 +118,7 @@ def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256
                                         compress_level=1)      # fast; noise does not compress anyway
       for k, rec in enumerate(_scene_records(scene, text_rng, split, covered, RECORDS_PER_SCENE[split])):
         masks = rec.pop("masks")
-        rec.update(id=f"{split}_{i:05d}_{k}", image_name=name, mask=[encode_mask(m) for m in masks])
+        rec.update(id=f"{split}_{i:05d}_{k}", image_name=name, mask=[rle.encode(m) for m in masks])
         records.append(rec)
         texts += _conversations(rec["description"], rec["answer"])
     if split == "test":
