@@ -51,15 +51,17 @@ def _crop(mask, letterbox):
 
 
 def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: bool = False,
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, predict=None) -> dict:
+  """``predict``: a `make_predict_fn` result to reuse (one compile for several param sets)."""
   from segearth_jax.data.pipeline import global_batch, make_dataset
-  from segearth_jax.data.preprocess import decode_rle
+  from segearth_jax.data import rle
   from segearth_jax.train import device_part
 
   config = setup.config
   dataset = make_dataset(config, split, tokenizer=tokenizer, train=False)
-  predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
-                            temperature=config.infer.temperature)
+  if predict is None:
+    predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
+                              temperature=config.infer.temperature)
   overall, empty = IoUAccumulator(), IoUAccumulator()
   per_subset = defaultdict(IoUAccumulator)
   no_target = [0, 0]
@@ -75,9 +77,8 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
       if not host["sample_valid"][b]:
         continue
       lb = host["letterbox"][b]
-      n_gt = int(np.sum(host["seg_valid"][b]))
-      gts = [_crop(host["masks"][b, j], lb) for j in range(n_gt)]
-      gts += [decode_rle(r) for r in json.loads(str(host["beyond_cap"][b]))]   # past the [SEG] cap
+      gts = [_crop(host["masks"][b, j], lb) for j in range(int(np.sum(host["seg_valid"][b])))]
+      gts += [rle.decode(r) for r in json.loads(str(host["beyond_cap"][b]))]   # past the [SEG] cap
       n_gt = len(gts)
       n_pred = int(np.sum(out["seg_valid"][b]))
       preds = [_crop(out["masks"][b, j], lb) for j in range(n_pred)]
@@ -133,11 +134,13 @@ def evaluate_workdir(config, workdir: str, split: str = "test", *, with_baseline
   tokenizer = load_tokenizer(config.data.tokenizer)
   setup = TrainSetup.create(config, vocab_size=len(tokenizer))
   params, step = load_workdir_params(setup, workdir)
-  result = evaluate(setup, params, tokenizer, split, with_baselines=with_baselines)
+  predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
+                            temperature=config.infer.temperature)
+  result = evaluate(setup, params, tokenizer, split, with_baselines=with_baselines, predict=predict)
   result["step"] = int(step)
   if random_init_baseline:
     state, frozen = setup.init_state(config.train.seed + 1000)
-    rand = evaluate(setup, merge_params(state["params"], frozen), tokenizer, split)
+    rand = evaluate(setup, merge_params(state["params"], frozen), tokenizer, split, predict=predict)
     result.setdefault("baselines", {})["random_init"] = rand["overall"]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
