@@ -42,6 +42,14 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
+  def restore_params(self, step: int, abstract_params):
+    """Only ``state['params']`` of a step: eval, predict and ``init_from`` need no optimizer state, and a
+    run saved with another optimizer chain (or none of its state) still loads."""
+    item = dict(params=abstract_params)
+    args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+
   def wait(self):
     self.manager.wait_until_finished()
 

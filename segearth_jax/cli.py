@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = dsub.add_parser("toy", help="write the synthetic toy LaSeRS in the release layout (+ tokenizer)")
   p.add_argument("--out", required=True, help="output folder (created)")
   p.add_argument("--images", type=_positive_int, default=200, help="number of scenes (default 200)")
+  p.add_argument("--test-images", type=_positive_int, default=None,
+                 help="test scenes (default 20%% of --images); a fixed count keeps the same test set")
+  p.add_argument("--val-images", type=_positive_int, default=None, help="val scenes (default 10%% of --images)")
   p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
   p.set_defaults(handler="segearth_jax.data.toy_laserss:cli_main")
   p = dsub.add_parser("build", help="build a TFDS dataset (ArrayRecord, no TensorFlow) from its native layout")
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("demo", help="the `make demo` pipeline: toy data -> ... -> runs/demo report")
   p.add_argument("--out", default="runs/demo")
   p.add_argument("--config", default="experiments/toy.py")
+  p.add_argument("--text-config", default="experiments/toy_text.py",
+                 help="stage 1, next-token pre-training of the MLLM, whose weights --config starts from "
+                      "('' skips it)")
   p.set_defaults(handler="segearth_jax.demo:cli_main")
   return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections import defaultdict
 
 import jax
@@ -16,6 +17,8 @@ import numpy as np
 
 from segearth_jax import sharding as shd
 from segearth_jax.metrics import IoUAccumulator
+
+PHRASE = re.compile(r"<p>(.*?)</p>")   # LaSeRS-style answers name each target before its [SEG]
 
 
 def make_predict_fn(setup, tokenizer, *, max_new_tokens: int, temperature: float = 0.0):
@@ -65,6 +68,7 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
   overall, empty = IoUAccumulator(), IoUAccumulator()
   per_subset = defaultdict(IoUAccumulator)
   no_target = [0, 0]
+  named = [0, 0]     # reference phrases the answer repeats at the same position, of all reference phrases
   records = []
   rng = jax.random.key(config.infer.seed)
   for i, host in enumerate(dataset):
@@ -94,12 +98,21 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
           per_subset[s].add_record(preds, gts)
       # one entry per record, for error analysis (which subsets, wrong [SEG] count, which masks missed)
       answer = tokenizer.decode(out["tokens"][b, : int(out["lengths"][b])])
-      records.append(dict(id=str(host["example_id"][b]), subsets=subsets, answer=answer, n_pred=n_pred,
-                          n_gt=n_gt, ious=[round(float(v), 4) for v in ious]))
+      reference = str(host["answer"][b]) if "answer" in host else ""
+      ref_phrases, got = PHRASE.findall(reference), PHRASE.findall(answer)
+      ok = sum(1 for j, p in enumerate(ref_phrases) if j < len(got) and got[j].strip() == p.strip())
+      named[0] += ok
+      named[1] += len(ref_phrases)
+      records.append(dict(id=str(host["example_id"][b]), subsets=subsets, answer=answer, reference=reference,
+                          phrases_named=ok, n_pred=n_pred, n_gt=n_gt, ious=[round(float(v), 4) for v in ious]))
   result = dict(split=split, overall=overall.summary(),
                 subsets={k: v.summary() for k, v in sorted(per_subset.items())},
                 no_target_accuracy=(no_target[0] / no_target[1]) if no_target[1] else None,
-                no_target_records=no_target[1], records=records)
+                no_target_records=no_target[1],
+                # text-side diagnosis: a target whose phrase differs from the reference's at its position
+                # is usually a wrong object (pairing is by order), whatever the mask head does
+                phrase_accuracy=(named[0] / named[1]) if named[1] else None, phrases=named[1],
+                records=records)
   subset_gious = [v["gIoU"] for k, v in result["subsets"].items() if k != "no_target"]
   result["mean_over_subsets"] = float(np.mean(subset_gious)) if subset_gious else None
   if with_baselines:
@@ -118,11 +131,11 @@ def load_workdir_params(setup, workdir: str):
     from segearth_jax.errors import UserError
     raise UserError(f"{workdir}: no checkpoint found (train first)")
   state, frozen = setup.init_state(setup.config.train.seed)
-  state = ckpt.restore(step, abstract_like(state))
+  params = ckpt.restore_params(step, abstract_like(state["params"]))
   if jax.tree.leaves(frozen) and ckpt.has_frozen():
     frozen = ckpt.restore_frozen(abstract_like(frozen))
   ckpt.close()
-  return merge_params(state["params"], frozen), step
+  return merge_params(params, frozen), step
 
 
 def evaluate_workdir(config, workdir: str, split: str = "test", *, with_baselines: bool = True,
@@ -158,6 +171,8 @@ def format_table(result: dict) -> str:
     rows.append(f"| mean over subsets | {result['mean_over_subsets']:.3f} | | |")
   if result.get("no_target_accuracy") is not None:
     rows.append(f"| no-target accuracy | {result['no_target_accuracy']:.3f} | | {result['no_target_records']} records |")
+  if result.get("phrase_accuracy") is not None:
+    rows.append(f"| phrases as in the reference | {result['phrase_accuracy']:.3f} | | {result['phrases']} phrases |")
   for name, b in result.get("baselines", {}).items():
     rows.append(f"| baseline: {name} | {b['gIoU']:.3f} | {b['cIoU']:.3f} | {b['units']} |")
   return "\n".join(rows)

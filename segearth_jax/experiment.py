@@ -50,6 +50,12 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
       trainable=("lora", "lm_head", "seg_projector", "pixel_decoder", "mask_decoder"),
       log_every=10, ckpt_every=500, keep_checkpoints=3, eval_every=0,
       init_from="",               # a workdir/weights folder from `segearth convert from-hf`
+      # per-part learning-rate multipliers, {part: x}: the innermost path component named wins, e.g.
+      # dict(llm=0.2) with lr 1e-3 trains llm/... at 2e-4; parts not named use 1
+      lr_scale=ml_collections.ConfigDict(),
+      # 'segearth': the loss of method.md §4; 'text': next-token loss only, mask head not run (pre-trains a
+      # from-scratch MLLM, e.g. the toy's, before the SegEarth-R2 stage: experiments/toy_text.py)
+      objective="segearth",
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = the rest of the devices

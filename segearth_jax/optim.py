@@ -50,11 +50,35 @@ def _decay_mask(params: Any):
   return __import__("jax").tree.map(lambda x: getattr(x, "ndim", 0) > 1, params)
 
 
+def lr_scale_of(path: tuple, scales: Mapping[str, float]) -> float:
+  """The multiplier of the innermost path component named in ``scales`` (1.0 when none is)."""
+  for p in reversed(path):
+    if str(p) in scales:
+      return float(scales[str(p)])
+  return 1.0
+
+
+def scale_by_part(scales: Mapping[str, float]) -> optax.GradientTransformation:
+  """Per-part learning rates: multiplies the updates of every leaf under a named part (e.g. a pretrained
+  LLM that should move slower than a head trained from scratch); stateless."""
+  import jax
+
+  scales = {str(k): float(v) for k, v in dict(scales).items()}
+
+  def f(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * lr_scale_of(tuple(getattr(k, "key", k) for k in path), scales), updates)
+
+  return optax.stateless(f) if scales else optax.identity()
+
+
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(train_cfg)
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else optax.identity(),
       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay,
                   mask=_decay_mask),
+      scale_by_part(train_cfg.get("lr_scale", None) or {}),
   )
   return tx, schedule

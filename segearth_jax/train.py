@@ -27,10 +27,16 @@ from segearth_jax import sharding as shd
 from segearth_jax.checkpointing import Checkpointer, abstract_like
 from segearth_jax.errors import UserError
 from segearth_jax.losses import segearth_loss
+from segearth_jax.models.mllm import text_loss
 from segearth_jax.models.segearth import SegEarthR2, build_model, n_image_tokens
 from segearth_jax.optim import make_optimizer, merge_params, split_params
 
 HOST_ONLY = ("example_id", "subsets", "answer")
+OBJECTIVES = ("segearth", "text")   # the full loss of method.md §4 | next-token loss only
+
+
+def objective_of(config) -> str:
+  return config.train.get("objective", "segearth")   # workdirs written before the field existed
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -79,6 +85,8 @@ class TrainSetup:
 
   @classmethod
   def create(cls, config, mesh=None, vocab_size: int | None = None) -> "TrainSetup":
+    if objective_of(config) not in OBJECTIVES:
+      raise UserError(f"train.objective must be one of {OBJECTIVES}, got {objective_of(config)!r}")
     mesh = mesh or shd.mesh_from_config(config.mesh)
     model = build_model(config.model, vocab_size)
     tx, schedule = make_optimizer(config.train)
@@ -129,6 +137,12 @@ class TrainSetup:
   def loss_fn(self, params, frozen, batch, key, train=True):
     full = merge_params(params, frozen)
     k_drop, k_pts = jax.random.split(key)
+    if objective_of(self.config) == "text":
+      # next-token loss on the answers only: the mask head is not run (pre-training a from-scratch MLLM)
+      out = self.model.apply({"params": full}, batch, train=train, with_seg_attn=False,
+                             rngs={"dropout": k_drop}, method=SegEarthR2.language)
+      text = text_loss(out["logits"], batch["labels"])
+      return text, dict(text=text, total=text)
     out = self.model.apply({"params": full}, batch, train=train, rngs={"dropout": k_drop})
     return segearth_loss(out, batch, k_pts, self.config.loss, self.num_heads)
 

@@ -166,3 +166,14 @@ def test_cli(tmp_path):
 def test_too_few_images_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="at least 3"):
     write_toy_laserss(tmp_path, images=2)
+
+
+def test_fixed_test_count_keeps_the_test_set_when_train_grows(tmp_path):
+  small = write_toy_laserss(tmp_path / "small", images=8, seed=3, test_images=3, val_images=1)
+  big = write_toy_laserss(tmp_path / "big", images=14, seed=3, test_images=3, val_images=1)
+  assert small["images"] == {"train": 4, "val": 1, "test": 3}
+  assert big["images"] == {"train": 10, "val": 1, "test": 3}
+  assert _files(tmp_path / "small" / "test") == _files(tmp_path / "big" / "test")
+  assert small["records"]["train"] < big["records"]["train"]
+  with pytest.raises(UserError, match="at least one scene for each split"):
+    write_toy_laserss(tmp_path / "none", images=5, test_images=4, val_images=1)

@@ -2,6 +2,7 @@
 a non-finite step stops the run naming the step and the batch's examples."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,15 +174,22 @@ def test_eval_cli_scores_every_test_record(toy_dataset, reference_run, tmp_path)
   assert "| **overall** |" in r.stdout and "baseline: random_init" in r.stdout
   result = json.loads(open(os.path.join(wd, "eval", "test.json")).read())
   ann_dir = os.path.join(toy_dataset["manual_dir"], "test", "annotations")
-  truth = {}
+  truth, answers = {}, {}
   for name in os.listdir(ann_dir):
     for a in json.load(open(os.path.join(ann_dir, name))):
-      truth[a["id"]] = len(a["mask"])
+      truth[a["id"]], answers[a["id"]] = len(a["mask"]), a["answer"]
   records = result["records"]
   assert sorted(x["id"] for x in records) == sorted(truth)
   for x in records:
     assert x["n_gt"] == truth[x["id"]] and len(x["ious"]) == x["n_gt"], x
     assert isinstance(x["answer"], str) and 0 <= x["n_pred"]
+    assert x["reference"] == answers[x["id"]]
+    ref, got = re.findall(r"<p>(.*?)</p>", x["reference"]), re.findall(r"<p>(.*?)</p>", x["answer"])
+    assert x["phrases_named"] == sum(j < len(got) and got[j] == p for j, p in enumerate(ref)), x
+  n_phrases = sum(len(re.findall(r"<p>", a)) for a in answers.values())
+  assert result["phrases"] == n_phrases > 0
+  assert result["phrase_accuracy"] == sum(x["phrases_named"] for x in records) / n_phrases
+  assert "| phrases as in the reference |" in r.stdout
   ious = [v for x in records for v in x["ious"]]
   assert result["overall"]["units"] == len(ious)
   assert abs(result["overall"]["gIoU"] - float(np.mean(ious))) < 1e-3   # records are rounded to 4 places
@@ -191,3 +199,57 @@ def test_eval_cli_scores_every_test_record(toy_dataset, reference_run, tmp_path)
     assert result["no_target_accuracy"] == sum(x["n_pred"] == 0 for x in no_target) / len(no_target)
   assert result["baselines"]["all_empty"]["gIoU"] == 0.0
   assert result["step"] == STEPS
+
+
+def test_text_stage_trains_the_mllm_and_seeds_the_full_stage(toy_dataset, tmp_path):
+  """experiments/toy_text.py (next-token loss only, mask head not run or trained) -> its workdir is the
+  `train.init_from` of the SegEarth-R2 stage, which starts from exactly those weights."""
+  import jax
+  from flax import traverse_util
+
+  from segearth_jax import train as train_lib
+  from segearth_jax.checkpointing import Checkpointer
+  from segearth_jax.config import load_config
+  from segearth_jax.convert.checkpoint import load_params
+  from segearth_jax.data.tokenizer import load_tokenizer
+  from segearth_jax.optim import merge_params
+
+  text_wd, full_wd = tmp_path / "text", tmp_path / "full"
+  text_cfg = load_config(os.path.join(REPO, "experiments", "toy_text.py"),
+                         _overrides(toy_dataset, "--config.train.steps=3", "--config.train.ckpt_every=3"))
+  assert text_cfg.train.objective == "text"
+  out = train_lib.train(text_cfg, str(text_wd))
+  assert out["steps"] == 3
+  rows = _losses(text_wd)
+  assert all(np.isfinite(rows[s]["text"]) and "bce" not in rows[s] and "ls" not in rows[s] for s in (1, 2, 3))
+
+  vocab = len(load_tokenizer(toy_dataset["tokenizer"]))
+  setup = train_lib.TrainSetup.create(text_cfg, vocab_size=vocab)
+  state0, frozen0 = setup.init_state(text_cfg.train.seed)
+  init = traverse_util.flatten_dict(jax.device_get(merge_params(state0["params"], frozen0)), sep="/")
+  trained = traverse_util.flatten_dict(load_params(str(text_wd)), sep="/")
+  assert set(init) == set(trained)
+  changed = {k for k in init if not np.array_equal(np.asarray(init[k]), np.asarray(trained[k]))}
+  assert any(k.startswith("llm/") for k in changed) and any(k.startswith("vision/") for k in changed)
+  assert not any(k.startswith(("mask_head/", "seg_projector/")) for k in changed)
+
+  full_cfg = load_config(os.path.join(REPO, "experiments", "toy.py"),
+                         _overrides(toy_dataset, f"--config.train.init_from={text_wd}"))
+  setup = train_lib.TrainSetup.create(full_cfg, vocab_size=vocab)
+  ck = Checkpointer(str(full_wd), async_save=False)
+  state, frozen = train_lib._initial_state(setup, full_cfg, ck)
+  ck.close()
+  start = traverse_util.flatten_dict(jax.device_get(merge_params(state["params"], frozen)), sep="/")
+  assert set(start) == set(trained)
+  assert all(np.array_equal(np.asarray(start[k]), np.asarray(trained[k])) for k in trained)
+
+
+def test_unknown_objective_is_a_user_error(toy_dataset):
+  from segearth_jax import train as train_lib
+  from segearth_jax.config import load_config
+  from segearth_jax.errors import UserError
+
+  cfg = load_config(os.path.join(REPO, "experiments", "toy.py"),
+                    _overrides(toy_dataset, "--config.train.objective=masks"))
+  with pytest.raises(UserError, match="train.objective"):
+    train_lib.TrainSetup.create(cfg)

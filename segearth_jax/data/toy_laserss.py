@@ -26,10 +26,17 @@ RECORDS_PER_SCENE = {"train": 6, "val": 3, "test": 4}
 MARKER = "toy_laserss.json"
 
 
-def split_sizes(n: int) -> dict:
+def split_sizes(n: int, test: int | None = None, val: int | None = None) -> dict:
+  """Scenes per split: 20% test and 10% val unless given. Scene i of a split is seeded by (seed, split, i),
+  so a fixed test count gives the same test set whatever the train count (more training scenes, same
+  benchmark)."""
   if n < 3:
     raise UserError(f"--images must be at least 3 (one scene per split), got {n}")
-  test, val = max(1, round(0.2 * n)), max(1, round(0.1 * n))
+  test = max(1, round(0.2 * n)) if test is None else int(test)
+  val = max(1, round(0.1 * n)) if val is None else int(val)
+  if test < 1 or val < 1 or n - test - val < 1:
+    raise UserError(f"--images {n} must leave at least one scene for each split "
+                    f"(test {test}, val {val}, train {n - test - val})")
   return {"train": n - test - val, "val": val, "test": test}
 
 
@@ -99,11 +106,14 @@ def _prepare(out_dir):
   return out_dir
 
 
-def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256) -> dict:
-  """Writes the toy dataset to `out_dir`; returns a summary (counts per split and per test subset)."""
+def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256, *,
+                      test_images: int | None = None, val_images: int | None = None) -> dict:
+  """Writes the toy dataset to `out_dir`; returns a summary (counts per split and per test subset).
+
+  `images` scenes in all; `test_images`/`val_images` fix those splits (default 20% / 10%)."""
   if images is None or int(images) <= 0:
     raise UserError(f"--images must be a positive integer, got {images}")
-  sizes = split_sizes(int(images))
+  sizes = split_sizes(int(images), test_images, val_images)
   out_dir = _prepare(out_dir)
   texts, summary = [], {"images": dict(sizes), "records": {}, "seed": int(seed), "size": int(size)}
   for s_idx, split in enumerate(SPLITS):
@@ -147,7 +157,8 @@ def _conversations(description, answer):
 
 def cli_main(args) -> int:
   t0 = time.time()
-  summary = write_toy_laserss(args.out, images=args.images, seed=args.seed)
+  summary = write_toy_laserss(args.out, images=args.images, seed=args.seed, test_images=args.test_images,
+                              val_images=args.val_images)
   r, sub = summary["records"], summary["test_subsets"]
   print(f"toy LaSeRS -> {args.out}: {summary['images']['train']}/{summary['images']['val']}/"
         f"{summary['images']['test']} scenes, {r['train']}/{r['val']}/{r['test']} records (train/val/test), "

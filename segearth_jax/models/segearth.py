@@ -73,14 +73,17 @@ class SegEarthR2(nn.Module):
     queries = self.seg_projector(seg_hidden)
     return self.mask_head(swin_image, queries, seg_valid)
 
+  def language(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True):
+    """Image + prompt -> the MLLM alone (logits, hidden, [SEG]->image attention); no mask head."""
+    embeds = self.prompt_embeds(batch["siglip_image"], batch["input_ids"], batch["image_start"])
+    return self.llm(embeds, batch["attention_mask"],
+                    seg_positions=batch["seg_positions"] if with_seg_attn else None,
+                    image_start=batch["image_start"], n_image_tokens=n_image_tokens(self.config),
+                    deterministic=not train)
+
   def __call__(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True):
     """Teacher-forced forward: logits, [SEG]->image attention (for L_S), mask logits [P,B,K,h,w]."""
-    c = self.config
-    embeds = self.prompt_embeds(batch["siglip_image"], batch["input_ids"], batch["image_start"])
-    out = self.llm(embeds, batch["attention_mask"],
-                   seg_positions=batch["seg_positions"] if with_seg_attn else None,
-                   image_start=batch["image_start"], n_image_tokens=n_image_tokens(c),
-                   deterministic=not train)
+    out = self.language(batch, train=train, with_seg_attn=with_seg_attn)
     seg_hidden = gather_rows(out["hidden"], batch["seg_positions"])
     mask_logits = self.masks_from_hidden(batch["swin_image"], seg_hidden, batch["seg_valid"])
     return dict(logits=out["logits"], seg_attn=out.get("seg_attn"), mask_logits=mask_logits)
