@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.train.init_from = ""
   c.train.trainable = ("vision", "projector", "llm", "lm_head", "lora")
   c.train.lr_scale = {}          # toy.py slows the MLLM in stage 2; here it is all that trains
-  # 600 x 16 answers: text loss ~0.05 from step ~300 on (2 cores: ~3 min, mostly input pipeline)
+  # 600 x 16 answers: text loss ~0.05 from step ~300 on (2 cores: ~2 min)
   c.train.steps = 600
   c.train.batch_size = 16
   c.train.lr = 2e-3
