@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from collections import defaultdict
 
 import jax
@@ -16,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from segearth_jax import sharding as shd
+from segearth_jax.infer import PHRASE
 from segearth_jax.metrics import IoUAccumulator
-
-PHRASE = re.compile(r"<p>(.*?)</p>")   # LaSeRS-style answers name each target before its [SEG]
 
 
 def make_predict_fn(setup, tokenizer, *, max_new_tokens: int, temperature: float = 0.0):
@@ -121,19 +119,24 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
 
 
 def load_workdir_params(setup, workdir: str):
-  """Latest checkpoint of a training workdir, merged with its frozen params."""
-  from segearth_jax.checkpointing import Checkpointer, abstract_like
+  """Latest checkpoint of a training workdir, merged with its frozen params (restored straight into the
+  setup's shardings; nothing is initialised first)."""
+  from segearth_jax.checkpointing import Checkpointer
+  from segearth_jax.errors import UserError
   from segearth_jax.optim import merge_params
 
   ckpt = Checkpointer(workdir, async_save=False)
   step = ckpt.latest_step()
   if step is None:
-    from segearth_jax.errors import UserError
     raise UserError(f"{workdir}: no checkpoint found (train first)")
-  state, frozen = setup.init_state(setup.config.train.seed)
-  params = ckpt.restore_params(step, abstract_like(state["params"]))
-  if jax.tree.leaves(frozen) and ckpt.has_frozen():
-    frozen = ckpt.restore_frozen(abstract_like(frozen))
+  abstract_state, abstract_frozen = setup.abstract
+  params = ckpt.restore_params(step, abstract_state["params"])
+  frozen = {}
+  if jax.tree.leaves(abstract_frozen):
+    if not ckpt.has_frozen():
+      raise UserError(f"{workdir}: the config freezes parts of the model but the workdir has no frozen/ "
+                      "params (was it trained with another train.trainable?)")
+    frozen = ckpt.restore_frozen(abstract_frozen)
   ckpt.close()
   return merge_params(params, frozen), step
 

@@ -41,8 +41,12 @@ def read_image(path: str) -> np.ndarray:
     raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})")
 
 
+# LaSeRS-style answers name each target right before its [SEG]: "<p>the tail</p>[SEG]"
+PHRASE = re.compile(r"<p>(.*?)</p>\s*\[SEG\]")
+
+
 def phrases_of(answer: str, n: int) -> list[str]:
-  found = re.findall(r"<p>(.*?)</p>\s*\[SEG\]", answer)
+  found = PHRASE.findall(answer)
   return [found[i] if i < len(found) else f"target {i + 1}" for i in range(n)]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -47,7 +48,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
 
 def _decay_mask(params: Any):
   # No weight decay on biases, norms and embeddings' 1-d params.
-  return __import__("jax").tree.map(lambda x: getattr(x, "ndim", 0) > 1, params)
+  return jax.tree.map(lambda x: getattr(x, "ndim", 0) > 1, params)
 
 
 def lr_scale_of(path: tuple, scales: Mapping[str, float]) -> float:
@@ -61,8 +62,6 @@ def lr_scale_of(path: tuple, scales: Mapping[str, float]) -> float:
 def scale_by_part(scales: Mapping[str, float]) -> optax.GradientTransformation:
   """Per-part learning rates: multiplies the updates of every leaf under a named part (e.g. a pretrained
   LLM that should move slower than a head trained from scratch); stateless."""
-  import jax
-
   scales = {str(k): float(v) for k, v in dict(scales).items()}
 
   def f(updates, params=None):

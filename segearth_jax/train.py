@@ -313,8 +313,9 @@ def _finish(pending, setup, config, log_path, writer, history, bar, t_last):
 
 
 def _initial_state(setup: TrainSetup, config, ckpt: Checkpointer):
-  state, frozen = setup.init_state(config.train.seed)
-  if config.train.init_from:
+  if not config.train.init_from:
+    state, frozen = setup.init_state(config.train.seed)
+  else:                      # every param comes from there: no random init to throw away
     from segearth_jax.convert.checkpoint import load_params
     params = load_params(config.train.init_from)
     train_p, frozen_p = split_params(params, config.train.trainable)

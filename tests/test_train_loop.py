@@ -184,9 +184,10 @@ def test_eval_cli_scores_every_test_record(toy_dataset, reference_run, tmp_path)
     assert x["n_gt"] == truth[x["id"]] and len(x["ious"]) == x["n_gt"], x
     assert isinstance(x["answer"], str) and 0 <= x["n_pred"]
     assert x["reference"] == answers[x["id"]]
-    ref, got = re.findall(r"<p>(.*?)</p>", x["reference"]), re.findall(r"<p>(.*?)</p>", x["answer"])
+    phrase = r"<p>(.*?)</p>\s*\[SEG\]"     # a phrase names a target when a [SEG] follows it
+    ref, got = re.findall(phrase, x["reference"]), re.findall(phrase, x["answer"])
     assert x["phrases_named"] == sum(j < len(got) and got[j] == p for j, p in enumerate(ref)), x
-  n_phrases = sum(len(re.findall(r"<p>", a)) for a in answers.values())
+  n_phrases = sum(len(re.findall(r"<p>.*?</p>\s*\[SEG\]", a)) for a in answers.values())
   assert result["phrases"] == n_phrases > 0
   assert result["phrase_accuracy"] == sum(x["phrases_named"] for x in records) / n_phrases
   assert "| phrases as in the reference |" in r.stdout
