@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/segearth demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean:

@@ -20,7 +20,6 @@ def get_config(arg=None):
   c = base_config("tiny")
   c.data.name = "laserss"
   c.data.data_dir = "runs/demo/tfds"
-  c.data.manual_dir = "runs/demo/toy_laserss"
   c.data.tokenizer = "runs/demo/toy_laserss/tokenizer"
   c.data.system = ""
   c.data.train_prompt = "<image>\n{instruction}"

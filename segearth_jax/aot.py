@@ -12,6 +12,16 @@ import os
 import resource
 import time
 
+import jax
+
+from segearth_jax import sharding as shd
+from segearth_jax.config import load_config
+from segearth_jax.data.batch import device_part, dummy_batch
+from segearth_jax.errors import UserError
+from segearth_jax.flops import train_flops_per_sample
+from segearth_jax.presets import image_tokens
+from segearth_jax.train import TrainSetup
+
 # per-chip HBM (GiB) and the host block of chips used by the topology description
 TPU_CHIPS = {
     "v4": dict(hbm_gib=32, chips_per_host=(2, 2, 1), platform_kind="TPU v4"),
@@ -22,7 +32,6 @@ TPU_CHIPS = {
 
 
 def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
-  from segearth_jax.errors import UserError
   try:
     gen, dims = topology.split(":")
     shape = tuple(int(x) for x in dims.lower().split("x"))
@@ -48,20 +57,12 @@ def topology_devices(topology: str):
                                         chips_per_host_bounds=bounds, num_slices=1,
                                         wrap=(False,) * 3)
   except Exception as e:  # no libtpu, or a name libtpu does not know
-    from segearth_jax.errors import UserError
     raise UserError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e)[:200]}); "
                     "is libtpu installed (pip install -e .[tpu])?")
   return desc.devices
 
 
 def compile_train_step(config, topology: str) -> dict:
-  import jax
-  import numpy as np
-
-  from segearth_jax import sharding as shd
-  from segearth_jax.flops import train_flops_per_sample
-  from segearth_jax.train import TrainSetup, dummy_batch, device_part
-
   gen, _ = parse_topology(topology)
   devices = topology_devices(topology)
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
@@ -69,11 +70,9 @@ def compile_train_step(config, topology: str) -> dict:
   state, frozen = setup.abstract
   length = max(config.data.text_buckets)
   batch = device_part(dummy_batch(config, config.train.batch_size, length))
-  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, v.ndim))
+  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding(v.ndim))
             for k, v in batch.items()}
-  step = jax.jit(setup.train_step, in_shardings=(setup.state_shardings, setup.frozen_shardings,
-                                                 setup.batch_shardings(batch)),
-                 out_shardings=(setup.state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  step = setup.jit_train_step(batch)
   t0 = time.perf_counter()
   with mesh, shd.axis_rules():
     lowered = step.lower(state, frozen, abatch)
@@ -94,8 +93,7 @@ def compile_train_step(config, topology: str) -> dict:
                   temps_gib=mem.temp_size_in_bytes / gib, aliased_gib=mem.alias_size_in_bytes / gib,
                   code_gib=mem.generated_code_size_in_bytes / gib)
   total = per_chip["arguments_gib"] + per_chip["outputs_gib"] - per_chip["aliased_gib"] + per_chip["temps_gib"]
-  n_img = (config.model.vision.image_size // config.model.vision.patch_size) ** 2
-  formula = train_flops_per_sample(config.model, length - n_img, config.train.trainable)
+  formula = train_flops_per_sample(config.model, length - image_tokens(config.model), config.train.trainable)
   return dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), batch=config.train.batch_size,
               seq_len=length, per_chip=per_chip, per_chip_total_gib=total, hbm_gib=TPU_CHIPS[gen]["hbm_gib"],
               fits=bool(total <= TPU_CHIPS[gen]["hbm_gib"]),
@@ -107,8 +105,8 @@ def compile_train_step(config, topology: str) -> dict:
 
 
 def cli_main(args) -> int:
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from segearth_jax.config import load_config
+  if not os.environ.get("JAX_PLATFORMS"):  # compiling for the slice needs no local accelerator
+    jax.config.update("jax_platforms", "cpu")
   config = load_config(args.config, args.overrides)
   print(json.dumps(compile_train_step(config, args.topology), indent=2))
   return 0

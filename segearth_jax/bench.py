@@ -1,7 +1,7 @@
 """Benchmarks of the real train step and of predict, on a random-init model (one JSON line each).
 
-Nothing here reads data: batches are synthetic with the input pipeline's contract (train.dummy_batch
-shapes, [SEG] rows, masks), so a bare GPU machine needs only jax/flax/optax (no grain, tfds, pycocotools).
+Nothing here reads data: batches are synthetic with the input pipeline's contract (data.batch.dummy_batch
+shapes, [SEG] rows, masks); no dataset or tokenizer is needed.
 
 MFU = model FLOPs per second / (peak dense bf16 FLOP/s per device x devices). Model FLOPs come from the
 formula in flops.py (no remat recompute, frozen towers forward only). XLA's cost analysis of the compiled
@@ -23,6 +23,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from segearth_jax import sharding as shd
+from segearth_jax.config import load_config
+from segearth_jax.data.batch import IGNORE, device_part, dummy_batch
+from segearth_jax.flops import train_flops_per_sample
+from segearth_jax.model_setup import ModelSetup
+from segearth_jax.predict import make_predict_fn
+from segearth_jax.presets import image_grid, image_tokens
+from segearth_jax.train import TrainSetup
 
 # Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (first match wins).
 PEAK_FLOPS = (
@@ -49,13 +58,11 @@ def peak_flops(device) -> float | None:
 def synthetic_batch(config, batch_size: int, length: int | None = None, seed: int = 0) -> dict:
   """A training batch with the pipeline's contract: image at slot 1, TEXT_TOKENS labelled text tokens,
   SEGS_PER_SAMPLE [SEG] rows each with a rectangle mask (canvas) and its image-grid version."""
-  from segearth_jax.train import dummy_batch
-
   rng = np.random.default_rng(seed)
   m = config.model
   b = dummy_batch(config, batch_size, length)
   B, L = b["input_ids"].shape
-  G = m.vision.image_size // m.vision.patch_size
+  G = image_grid(m)
   M, K = m.swin.image_size, m.max_seg
   n_img = G * G
   valid = min(L, 1 + n_img + TEXT_TOKENS)
@@ -68,7 +75,7 @@ def synthetic_batch(config, batch_size: int, length: int | None = None, seed: in
   b["image_start"][:] = 1
   b["attention_mask"] = (np.arange(L)[None] < valid).repeat(B, 0).astype(np.int32)
   slots = np.arange(L)[None].repeat(B, 0)
-  b["labels"] = np.where((slots >= first_text) & (slots < valid), b["input_ids"], -100).astype(np.int32)
+  b["labels"] = np.where((slots >= first_text) & (slots < valid), b["input_ids"], IGNORE).astype(np.int32)
   n_seg = min(SEGS_PER_SAMPLE, K)
   b["seg_positions"][:] = 0
   b["seg_valid"][:] = False
@@ -125,11 +132,6 @@ def host_transfers(compiled) -> int:
 def bench_train(config, batch: int | None = None, steps: int = 10, warmup: int = 2, *, mesh=None,
                 profile_dir: str | None = None, profile_steps: int = 3) -> dict:
   """Times the real jitted train step (state donated) on synthetic batches; see the module doc."""
-  from segearth_jax import sharding as shd
-  from segearth_jax.flops import train_flops_per_sample
-  from segearth_jax.models.segearth import n_image_tokens
-  from segearth_jax.train import TrainSetup, device_part
-
   B = int(batch or config.train.batch_size)
   setup = TrainSetup.create(config, mesh=mesh)
   L = max(config.data.text_buckets)
@@ -161,7 +163,7 @@ def bench_train(config, batch: int | None = None, steps: int = 10, warmup: int =
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   param_dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(state["params"])})
   n_dev = setup.mesh.devices.size
-  formula = train_flops_per_sample(config.model, L - n_image_tokens(config.model), config.train.trainable)
+  formula = train_flops_per_sample(config.model, L - image_tokens(config.model), config.train.trainable)
   xla = _cost_flops(compiled)
   peak = peak_flops(jax.devices()[0])
   sps = B / step_s
@@ -185,41 +187,16 @@ def bench_train(config, batch: int | None = None, steps: int = 10, warmup: int =
       loss=metrics["loss"], ls=metrics.get("ls"), finite=bool(metrics["finite"]))
 
 
-class _BenchTokenizer:
-  """What make_predict_fn reads from a tokenizer. eos_token_id = -1 is never an argmax, so greedy
-  decoding on random weights always runs exactly max_new_tokens steps (fixed cost per instruction)."""
-  eos_token_id = -1
-
-  def __init__(self, seg_id: int):
-    self._seg = seg_id
-
-  def convert_tokens_to_ids(self, token):
-    return self._seg
-
-  def __len__(self):
-    return self._seg + 1
-
-
 def bench_predict(config, steps: int = 5, max_new_tokens: int | None = None) -> dict:
   """Seconds per instruction at batch 1: SigLIP + prefill of image + TEXT_TOKENS prompt tokens, greedy
-  generation of exactly max_new_tokens tokens (see _BenchTokenizer), then masks for max_seg queries."""
-  from unittest import mock
-
-  from segearth_jax import sharding as shd
-  from segearth_jax.data import tokenizer as tok_lib
-  from segearth_jax.evaluate import make_predict_fn
-  from segearth_jax.models.segearth import n_image_tokens
-  from segearth_jax.optim import merge_params
-  from segearth_jax.train import TrainSetup
-
+  generation of exactly max_new_tokens tokens (EOS id -1 is never an argmax, so random weights always run
+  the full length: a fixed cost per instruction), then masks for max_seg queries."""
   T = int(max_new_tokens or config.infer.max_new_tokens)
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  setup = TrainSetup.create(config, mesh=mesh)
-  state, frozen = setup.init_state(int(config.train.seed))
-  params = merge_params(state["params"], frozen)
-  del state
+  mesh = shd.single_device_mesh()
+  setup = ModelSetup.create(config, mesh=mesh)
+  params = setup.init_params(int(config.train.seed))
   m = config.model
-  n_img = n_image_tokens(m)
+  n_img = image_tokens(m)
   prompt = 1 + n_img + TEXT_TOKENS
   P = -(-prompt // 64) * 64  # prompt bucket
   rng = np.random.default_rng(0)
@@ -228,9 +205,7 @@ def bench_predict(config, steps: int = 5, max_new_tokens: int | None = None) -> 
                swin_image=rng.normal(size=(1, M, M, 3)).astype(np.float32),
                input_ids=rng.integers(3, m.llm.vocab_size - 1, size=(1, P)).astype(np.int32),
                image_start=np.ones((1,), np.int32), prompt_len=np.full((1,), prompt, np.int32))
-  seg_id = int(m.llm.vocab_size) - 1
-  with mock.patch.object(tok_lib, "seg_token_id", lambda _: seg_id):
-    predict = make_predict_fn(setup, _BenchTokenizer(seg_id), max_new_tokens=T, temperature=0.0)
+  predict = make_predict_fn(setup, eos_id=-1, seg_id=int(m.llm.vocab_size) - 1, max_new_tokens=T)
   key = jax.random.key(0)
   with mesh, shd.axis_rules():
     t0 = time.perf_counter()
@@ -250,7 +225,6 @@ def bench_predict(config, steps: int = 5, max_new_tokens: int | None = None) -> 
 
 
 def _load(args):
-  from segearth_jax.config import load_config
   return load_config(args.config, getattr(args, "overrides", None) or [])
 
 

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="test scenes (default 20%% of --images); a fixed count keeps the same test set")
   p.add_argument("--val-images", type=_positive_int, default=None, help="val scenes (default 10%% of --images)")
   p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
-  p.set_defaults(handler="segearth_jax.data.toy_laserss:cli_main")
+  p.set_defaults(handler="segearth_jax.toy.release:cli_main")
   p = dsub.add_parser("build", help="build a TFDS dataset (ArrayRecord, no TensorFlow) from its native layout")
   p.add_argument("name", help="laserss | rrsisd | refsegrs | earthreason")
   p.add_argument("--manual-dir", required=True, help="the unpacked release folder")
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(handler="segearth_jax.evaluate:cli_main")
 
   p = sub.add_parser("predict", help="masks, answer text and an overlay for an image and an instruction")
-  _config_args(p, required=False)
+  p.add_argument("--config", default=None,
+                 help="run under this experiment file instead of the run's stored config.json; "
+                      "--config.a.b=value overrides apply to whichever config is used")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (latest checkpoint)")
   src.add_argument("--weights", help="a converted weights folder")
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--instruction", help="the instruction (with a folder: applied to every image)")
   p.add_argument("--jsonl", help="batch mode: lines of {\"image\": ..., \"instruction\": ...}")
   p.add_argument("--out", default="predictions")
-  p.set_defaults(handler="segearth_jax.infer:cli_main")
+  p.set_defaults(handler="segearth_jax.predict:cli_main")
 
   # convert --------------------------------------------------------------------------------------
   conv = sub.add_parser("convert", help="move checkpoints across the JAX/PyTorch border")
@@ -144,13 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(handler: str):
   module_name, _, func = handler.partition(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-      return None
-    raise
-  return getattr(module, func, None)
+  return getattr(importlib.import_module(module_name), func)
 
 
 def main(argv=None) -> int:
@@ -164,13 +160,8 @@ def main(argv=None) -> int:
   if overrides and "config" not in vars(args):
     parser.error(f"{args.command} takes no --config overrides")
   args.overrides = overrides
-  fn = _resolve(args.handler)
-  if fn is None:
-    name = " ".join(a for a in (args.command, getattr(args, f"{args.command}_command", None)) if a)
-    print(f"segearth: error: '{name}' is not implemented yet", file=sys.stderr)
-    return 2
   try:
-    return int(fn(args) or 0)
+    return int(_resolve(args.handler)(args) or 0)
   except UserError as e:
     print(f"segearth: error: {e}", file=sys.stderr)
     return 2

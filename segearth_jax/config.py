@@ -7,6 +7,7 @@ literals when they parse, else kept as strings, and must match the type of the f
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 from typing import Iterable
@@ -73,13 +74,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     elif old is not None and not isinstance(value, type(old)):
       raise ConfigError(
           f"override {text!r}: {key} is {type(old).__name__}, got {type(value).__name__}")
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
       node[leaf] = value
 
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False

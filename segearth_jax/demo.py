@@ -11,6 +11,14 @@ import json
 import os
 import time
 
+from segearth_jax.config import load_config
+from segearth_jax.data.preview import draw_grid
+from segearth_jax.evaluate import evaluate_workdir, format_table
+from segearth_jax.predict import predict_examples
+from segearth_jax.toy.release import write_toy_laserss
+from segearth_jax.train import train
+from tfds_laserss.build import build
+
 
 def _stage(name):
   print(f"\n== {name} ==", flush=True)
@@ -18,15 +26,12 @@ def _stage(name):
 
 
 def cli_main(args) -> int:
-  from segearth_jax.config import load_config
-
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   report = ["# segearth_jax demo", ""]
   timings = {}
 
   t = _stage("toy data")
-  from segearth_jax.data.toy_laserss import write_toy_laserss
   toy_dir = os.path.join(out, "toy_laserss")
   # 60 test scenes (240 records) keep eval ~1 min; many train scenes are cheap (~40 ms each to draw and
   # build) and were worth +0.06 gIoU over 210 at the same steps (README experiment log).
@@ -36,24 +41,19 @@ def cli_main(args) -> int:
   report += ["## Toy data", "", f"`{toy_dir}`: {json.dumps(summary, default=str)}", ""]
 
   t = _stage("picture grid")
-  from segearth_jax.data.preview import draw_grid
   grid = os.path.join(out, "examples.png")
   draw_grid(toy_dir, "train", 12, grid)
   timings["grid"] = time.time() - t
   report += ["![examples](examples.png)", ""]
 
-  overrides = [f"--config.data.manual_dir={toy_dir}", f"--config.data.data_dir={os.path.join(out, 'tfds')}",
+  overrides = [f"--config.data.data_dir={os.path.join(out, 'tfds')}",
                f"--config.data.tokenizer={os.path.join(toy_dir, 'tokenizer')}"]
+  overrides += args.overrides   # the command line's --config.a.b=v apply to both stages
   text_config = load_config(args.text_config, overrides) if args.text_config else None
   text_workdir = os.path.join(out, "workdir_text")
   if text_config is not None:
     overrides.append(f"--config.train.init_from={text_workdir}")
   config = load_config(args.config, overrides)
-
-  from tfds_laserss.build import build
-  from segearth_jax.evaluate import evaluate_workdir, format_table
-  from segearth_jax.infer import predict_examples
-  from segearth_jax.train import train
 
   t = _stage("TFDS build")
   build("laserss", manual_dir=toy_dir, data_dir=config.data.data_dir)

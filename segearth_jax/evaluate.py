@@ -5,46 +5,24 @@ cropped to the image region. Records with no target report no-target accuracy (n
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections import defaultdict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from segearth_jax import sharding as shd
-from segearth_jax.infer import PHRASE
+from segearth_jax.config import load_config
+from segearth_jax.data import rle
+from segearth_jax.data.answer import PHRASE
+from segearth_jax.data.batch import device_part, global_batch
+from segearth_jax.data.pipeline import make_dataset
+from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.metrics import IoUAccumulator
-
-
-def make_predict_fn(setup, tokenizer, *, max_new_tokens: int, temperature: float = 0.0):
-  """Jitted: (params, batch, rng) -> tokens, lengths, seg_valid, masks [B,K,M,M] (bool, canvas size)."""
-  from segearth_jax.data.tokenizer import seg_token_id
-  from segearth_jax.generate import generate
-  from segearth_jax.models.segearth import make_llm
-
-  cfg = setup.config.model
-  model = setup.model
-  llm = make_llm(cfg)
-  M = cfg.swin.image_size
-  eos_id = tokenizer.eos_token_id
-  seg_id = seg_token_id(tokenizer)
-
-  def predict(params, batch, rng):
-    embeds = model.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
-                         method=model.prompt_embeds)
-    gen = generate(llm, params["llm"], embeds, batch["prompt_len"], max_new_tokens=max_new_tokens,
-                   eos_id=eos_id, seg_id=seg_id, temperature=temperature, rng=rng, max_seg=cfg.max_seg)
-    logits = model.apply({"params": params}, batch["swin_image"], gen["seg_hidden"], gen["seg_valid"],
-                         method=model.masks_from_hidden)[-1]            # last decoder prediction [B,K,h,w]
-    b, k = logits.shape[:2]
-    up = jax.image.resize(logits.astype(jnp.float32), (b, k, M, M), "bilinear")
-    masks = (up > 0) & gen["seg_valid"][..., None, None]
-    return dict(tokens=gen["tokens"], lengths=gen["lengths"], seg_valid=gen["seg_valid"], masks=masks)
-
-  return jax.jit(predict)
+from segearth_jax.model_setup import ModelSetup
+from segearth_jax.predict import predict_fn_of
+from segearth_jax.weights import restore_params
 
 
 def _crop(mask, letterbox):
@@ -54,15 +32,9 @@ def _crop(mask, letterbox):
 def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: bool = False,
              max_batches: int | None = None, predict=None) -> dict:
   """``predict``: a `make_predict_fn` result to reuse (one compile for several param sets)."""
-  from segearth_jax.data.pipeline import global_batch, make_dataset
-  from segearth_jax.data import rle
-  from segearth_jax.train import device_part
-
   config = setup.config
   dataset = make_dataset(config, split, tokenizer=tokenizer, train=False)
-  if predict is None:
-    predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
-                              temperature=config.infer.temperature)
+  predict = predict or predict_fn_of(setup, tokenizer)
   overall, empty = IoUAccumulator(), IoUAccumulator()
   per_subset = defaultdict(IoUAccumulator)
   no_target = [0, 0]
@@ -72,7 +44,7 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
   for i, host in enumerate(dataset):
     if max_batches is not None and i >= max_batches:
       break
-    batch = global_batch(device_part(host), setup.mesh)
+    batch = global_batch(device_part(host), setup.batch_sharding)
     with setup.mesh, shd.axis_rules():
       out = jax.device_get(predict(params, batch, jax.random.fold_in(rng, i)))
     for b in range(len(host["sample_valid"])):
@@ -118,45 +90,16 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
   return result
 
 
-def load_workdir_params(setup, workdir: str):
-  """Latest checkpoint of a training workdir, merged with its frozen params (restored straight into the
-  setup's shardings; nothing is initialised first)."""
-  from segearth_jax.checkpointing import Checkpointer
-  from segearth_jax.errors import UserError
-  from segearth_jax.optim import merge_params
-
-  ckpt = Checkpointer(workdir, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise UserError(f"{workdir}: no checkpoint found (train first)")
-  abstract_state, abstract_frozen = setup.abstract
-  params = ckpt.restore_params(step, abstract_state["params"])
-  frozen = {}
-  if jax.tree.leaves(abstract_frozen):
-    if not ckpt.has_frozen():
-      raise UserError(f"{workdir}: the config freezes parts of the model but the workdir has no frozen/ "
-                      "params (was it trained with another train.trainable?)")
-    frozen = ckpt.restore_frozen(abstract_frozen)
-  ckpt.close()
-  return merge_params(params, frozen), step
-
-
 def evaluate_workdir(config, workdir: str, split: str = "test", *, with_baselines: bool = True,
                      random_init_baseline: bool = True) -> dict:
-  from segearth_jax.data.tokenizer import load_tokenizer
-  from segearth_jax.optim import merge_params
-  from segearth_jax.train import TrainSetup
-
   tokenizer = load_tokenizer(config.data.tokenizer)
-  setup = TrainSetup.create(config, vocab_size=len(tokenizer))
-  params, step = load_workdir_params(setup, workdir)
-  predict = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
-                            temperature=config.infer.temperature)
+  setup = ModelSetup.create(config, vocab_size=len(tokenizer))
+  params, step = restore_params(setup, workdir)
+  predict = predict_fn_of(setup, tokenizer)
   result = evaluate(setup, params, tokenizer, split, with_baselines=with_baselines, predict=predict)
-  result["step"] = int(step)
+  result["step"] = None if step is None else int(step)
   if random_init_baseline:
-    state, frozen = setup.init_state(config.train.seed + 1000)
-    rand = evaluate(setup, merge_params(state["params"], frozen), tokenizer, split, predict=predict)
+    rand = evaluate(setup, setup.init_params(config.train.seed + 1000), tokenizer, split, predict=predict)
     result.setdefault("baselines", {})["random_init"] = rand["overall"]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
@@ -182,7 +125,6 @@ def format_table(result: dict) -> str:
 
 
 def cli_main(args) -> int:
-  from segearth_jax.config import load_config
   config = load_config(args.config, args.overrides)
   result = evaluate_workdir(config, args.workdir, args.split)
   print(format_table(result))

@@ -22,7 +22,6 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="laserss",             # TFDS builder name in tfds_laserss/
       data_dir="",                # TFDS data dir (built ArrayRecords)
-      manual_dir="",              # native release folder the builder reads
       tokenizer="",               # local tokenizer folder (Phi-2 for real runs; the toy one is saved with toy data)
       text_buckets=(128, 256),    # sequence lengths to pad to (static shapes: one compile per bucket)
       max_len=256,                # longer sequences are cut (answer end kept)
@@ -48,7 +47,7 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999,
       # which parts train. Frozen parts get no optimizer state.
       trainable=("lora", "lm_head", "seg_projector", "pixel_decoder", "mask_decoder"),
-      log_every=10, ckpt_every=500, keep_checkpoints=3, eval_every=0,
+      log_every=10, ckpt_every=500, keep_checkpoints=3,
       init_from="",               # a workdir/weights folder from `segearth convert from-hf`
       # per-part learning-rate multipliers, {part: x}: the innermost path component named wins, e.g.
       # dict(llm=0.2) with lr 1e-3 trains llm/... at 2e-4; parts not named use 1
@@ -62,5 +61,5 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=1, process_id=0, local_device_ids=()))
 
-  c.infer = ml_collections.ConfigDict(dict(max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0))
+  c.infer = ml_collections.ConfigDict(dict(max_new_tokens=128, temperature=0.0, seed=0))
   return c

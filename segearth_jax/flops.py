@@ -6,6 +6,8 @@ frozen part nothing flows back into (SigLIP, projector, Swin) 0x.
 """
 from __future__ import annotations
 
+from segearth_jax.presets import image_tokens
+
 
 def _transformer_layer(d, ffn, tokens, kv_tokens=None):
   kv_tokens = tokens if kv_tokens is None else kv_tokens
@@ -17,7 +19,7 @@ def _transformer_layer(d, ffn, tokens, kv_tokens=None):
 
 def forward_flops(model_cfg, text_tokens: int) -> dict:
   v, l = model_cfg.vision, model_cfg.llm
-  n_img = (v.image_size // v.patch_size) ** 2
+  n_img = image_tokens(model_cfg)
   seq = n_img + text_tokens
   out = {}
   out["vision"] = v.num_hidden_layers * _transformer_layer(v.hidden_size, v.intermediate_size, n_img) \

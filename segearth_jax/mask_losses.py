@@ -56,7 +56,7 @@ def sample_points(logits: jnp.ndarray, rng, num_points: int, oversample_ratio: f
   return jax.lax.stop_gradient(jnp.concatenate(parts, axis=1))
 
 
-def _bce_dice(point_logits, point_labels):
+def point_bce_dice(point_logits, point_labels):
   """[M,N] -> per-mask BCE (mean over points) and Dice."""
   bce = jnp.mean(jnp.maximum(point_logits, 0) - point_logits * point_labels
                  + jnp.log1p(jnp.exp(-jnp.abs(point_logits))), axis=-1)
@@ -78,7 +78,7 @@ def mask_loss(pred_logits, gt_masks, valid, rng, *, num_points: int = 12544, ove
     logits = logits.reshape(b * k, h, w).astype(jnp.float32)
     coords = sample_points(logits, key, num_points, oversample_ratio, importance_sample_ratio)
     labels = jax.lax.stop_gradient(point_sample(gt, coords))
-    bce, dice = _bce_dice(point_sample(logits, coords), labels)
+    bce, dice = point_bce_dice(point_sample(logits, coords), labels)
     real = weight > 0   # where, not multiply: a padded slot's NaN/inf must not leak in
     return jnp.sum(jnp.where(real, bce, 0.0)) / n, jnp.sum(jnp.where(real, dice, 0.0)) / n
 

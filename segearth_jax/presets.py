@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import ml_collections
 
-SEG_TOKEN = "[SEG]"
-IMAGE_TOKEN = "<image>"
+
+def image_grid(model_cfg) -> int:
+  """Side of SigLIP's patch grid (27 in the paper). ``model_cfg``: the ``model`` ConfigDict or ModelConfig."""
+  return int(model_cfg.vision.image_size) // int(model_cfg.vision.patch_size)
+
+
+def image_tokens(model_cfg) -> int:
+  """Image tokens spliced into the LLM input (729 in the paper): the one place this count is made."""
+  return image_grid(model_cfg) ** 2
 
 
 def _vision(**kw):

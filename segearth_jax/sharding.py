@@ -72,6 +72,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   return Mesh(arr, MESH_AXES)
 
 
+def single_device_mesh() -> Mesh:
+  """The first device as a (1, 1, 1) mesh: one-device predict, conversion, benchmarks."""
+  return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
 def mesh_from_config(mesh_cfg) -> Mesh:
   return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
 

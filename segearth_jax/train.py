@@ -8,35 +8,32 @@ step t are fetched after step t+1 is dispatched.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from segearth_jax import sharding as shd
 from segearth_jax.checkpointing import Checkpointer, abstract_like
+from segearth_jax.config import load_config
+from segearth_jax.data.batch import device_part, global_batch
+from segearth_jax.data.pipeline import make_dataset
+from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
-from segearth_jax.losses import segearth_loss
-from segearth_jax.models.mllm import text_loss
-from segearth_jax.models.segearth import SegEarthR2, build_model, n_image_tokens
+from segearth_jax.losses import segearth_loss, text_loss
+from segearth_jax.model_setup import ModelSetup, with_shardings
+from segearth_jax.models.segearth import SegEarthR2
 from segearth_jax.optim import make_optimizer, merge_params, split_params
+from segearth_jax.weights import restore_params, save_run_config
 
-HOST_ONLY = ("example_id", "subsets", "answer")
 OBJECTIVES = ("segearth", "text")   # the full loss of method.md §4 | next-token loss only
-
-
-def objective_of(config) -> str:
-  return config.train.get("objective", "segearth")   # workdirs written before the field existed
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -48,81 +45,39 @@ def maybe_initialize_distributed(config) -> None:
                                local_device_ids=list(d.local_device_ids) or None)
 
 
-def dummy_batch(config, batch_size: int, length: int | None = None) -> dict:
-  """Zeros with the input pipeline's batch shapes (for init and AOT compilation)."""
-  m = config.model
-  L = length or max(config.data.text_buckets)
-  S, M, K = m.vision.image_size, m.swin.image_size, m.max_seg
-  G = S // m.vision.patch_size
-  B = batch_size
-  seg_pos = np.zeros((B, K), np.int32)
-  seg_pos[:, 0] = min(L - 1, G * G + 2)
-  return dict(
-      siglip_image=np.zeros((B, S, S, 3), np.float32), swin_image=np.zeros((B, M, M, 3), np.float32),
-      input_ids=np.zeros((B, L), np.int32), attention_mask=np.ones((B, L), np.int32),
-      labels=np.full((B, L), -100, np.int32), image_start=np.ones((B,), np.int32),
-      seg_positions=seg_pos, seg_valid=np.zeros((B, K), bool),
-      masks=np.zeros((B, K, M, M), np.uint8), mask_grid=np.zeros((B, K, G, G), np.float32),
-      letterbox=np.full((B, 4), M, np.int32), sample_valid=np.ones((B,), bool))
-
-
-def device_part(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k not in HOST_ONLY and np.asarray(v).dtype.kind in "biuf"}
-
-
 @dataclasses.dataclass
-class TrainSetup:
-  """Everything the step needs, built once per run: model, optimizer, mesh and shardings."""
-  config: Any
-  mesh: jax.sharding.Mesh
-  model: SegEarthR2
-  tx: optax.GradientTransformation
-  schedule: Any
-  state_shardings: Any
-  frozen_shardings: Any
-  param_shardings: Any
+class TrainSetup(ModelSetup):
+  """The model setup plus what the step needs: optimizer, schedule, state and frozen shardings."""
+  tx: optax.GradientTransformation = None
+  schedule: Any = None
+  state_shardings: Any = None
+  frozen_shardings: Any = None
   abstract: Any = None  # (state, frozen) as ShapeDtypeStructs with shardings: restore / AOT targets
 
   @classmethod
   def create(cls, config, mesh=None, vocab_size: int | None = None) -> "TrainSetup":
-    if objective_of(config) not in OBJECTIVES:
-      raise UserError(f"train.objective must be one of {OBJECTIVES}, got {objective_of(config)!r}")
-    mesh = mesh or shd.mesh_from_config(config.mesh)
-    model = build_model(config.model, vocab_size)
+    if config.train.objective not in OBJECTIVES:
+      raise UserError(f"train.objective must be one of {OBJECTIVES}, got {config.train.objective!r}")
     tx, schedule = make_optimizer(config.train)
-    dummy = dummy_batch(config, 1, min(config.data.text_buckets))
-    boxed = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)["params"]
-    param_sh = shd.logical_shardings(boxed, mesh)
-    train_sh, frozen_sh = split_params(param_sh, config.train.trainable)
-    abstract_train, abstract_frozen = split_params(nn.unbox(boxed), config.train.trainable)
+    setup = super().create(config, mesh, vocab_size, tx=tx, schedule=schedule)
+    trainable = config.train.trainable
+    train_sh, frozen_sh = split_params(setup.param_shardings, trainable)
+    abstract_train, abstract_frozen = split_params(setup.abstract_params, trainable)
     opt_abstract = jax.eval_shape(tx.init, abstract_train)
-    rep = shd.replicated(mesh)
+    rep = shd.replicated(setup.mesh)
     opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_abstract, train_sh,
                                               transform_non_params=lambda _: rep)
-    state_sh = dict(params=train_sh, opt_state=opt_sh, step=rep, rng=rep)
-    setup = cls(config, mesh, model, tx, schedule, state_sh, frozen_sh, param_sh)
-    with_sh = lambda tree, sh: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    setup.abstract = (with_sh(dict(params=abstract_train, opt_state=opt_abstract,
-                                   step=jax.ShapeDtypeStruct((), jnp.int32),
-                                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), state_sh),
-                      with_sh(abstract_frozen, frozen_sh))
+    setup.state_shardings = dict(params=train_sh, opt_state=opt_sh, step=rep, rng=rep)
+    setup.frozen_shardings = frozen_sh
+    setup.abstract = (with_shardings(dict(params=abstract_train, opt_state=opt_abstract,
+                                          step=jax.ShapeDtypeStruct((), jnp.int32),
+                                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), setup.state_shardings),
+                      abstract_frozen)
     return setup
-
-  @property
-  def num_heads(self) -> int:
-    return self.config.model.llm.num_attention_heads
 
   # ---------------------------------------------------------------------------------- init
   def init_state(self, seed: int):
-    dummy = dummy_batch(self.config, 1, min(self.config.data.text_buckets))
-
-    def init(key):
-      return nn.unbox(self.model.init(key, dummy, train=False))["params"]
-
-    with self.mesh, shd.axis_rules():
-      params = jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
-    train, frozen = split_params(params, self.config.train.trainable)
+    train, frozen = split_params(self.init_params(seed), self.config.train.trainable)
     return self.state_from_params(train, seed), frozen
 
   def state_from_params(self, train_params, seed: int):
@@ -137,7 +92,7 @@ class TrainSetup:
   def loss_fn(self, params, frozen, batch, key, train=True):
     full = merge_params(params, frozen)
     k_drop, k_pts = jax.random.split(key)
-    if objective_of(self.config) == "text":
+    if self.config.train.objective == "text":
       # next-token loss on the answers only: the mask head is not run (pre-training a from-scratch MLLM)
       out = self.model.apply({"params": full}, batch, train=train, with_seg_attn=False,
                              rngs={"dropout": k_drop}, method=SegEarthR2.language)
@@ -177,7 +132,7 @@ class TrainSetup:
     return new_state, metrics
 
   def batch_shardings(self, batch: dict):
-    return {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+    return {k: self.batch_sharding(np.ndim(v)) for k, v in batch.items()}
 
   def jit_train_step(self, batch_example: dict):
     rep = shd.replicated(self.mesh)
@@ -204,15 +159,6 @@ class NonFiniteError(UserError):
   pass
 
 
-def load_workdir_config(workdir: str):
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{workdir}: no config.json (pass --config)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def _log_line(path: str, record: dict) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -220,15 +166,11 @@ def _log_line(path: str, record: dict) -> None:
 
 def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = None) -> dict:
   """Runs training in ``workdir``; returns a summary. ``max_steps`` stops early (tests)."""
-  from segearth_jax.data.pipeline import global_batch, make_dataset
-  from segearth_jax.data.tokenizer import load_tokenizer
-
   maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:  # eval/predict/export read the run's config from here
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    save_run_config(config, workdir)
   tokenizer = load_tokenizer(config.data.tokenizer)
   setup = TrainSetup.create(config, vocab_size=len(tokenizer))
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.ckpt_every)
@@ -254,7 +196,6 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
   t_last = time.time()
   history = []
   try:
-    from tqdm import tqdm
     bar = tqdm(total=end, initial=start, disable=True if not is_main else None,  # None: off when not a TTY
                 dynamic_ncols=True, desc="train", mininterval=2.0)
     for step in range(start, end):
@@ -262,7 +203,7 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
       batch = device_part(host)
       if step_fn is None:
         step_fn = setup.jit_train_step(batch)
-      gbatch = global_batch(batch, setup.mesh)
+      gbatch = global_batch(batch, setup.batch_sharding)
       with setup.mesh, shd.axis_rules():
         state, metrics = step_fn(state, frozen, gbatch)
       if pending is not None:
@@ -316,12 +257,9 @@ def _initial_state(setup: TrainSetup, config, ckpt: Checkpointer):
   if not config.train.init_from:
     state, frozen = setup.init_state(config.train.seed)
   else:                      # every param comes from there: no random init to throw away
-    from segearth_jax.convert.checkpoint import load_params
-    params = load_params(config.train.init_from)
-    train_p, frozen_p = split_params(params, config.train.trainable)
-    put = lambda tree, sh: jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, sh)
-    frozen = put(frozen_p, setup.frozen_shardings)
-    state = setup.state_from_params(put(train_p, setup.state_shardings["params"]), config.train.seed)
+    params, _ = restore_params(setup, config.train.init_from)
+    train_p, frozen = split_params(params, config.train.trainable)
+    state = setup.state_from_params(train_p, config.train.seed)
   if jax.tree.leaves(frozen):
     if ckpt.has_frozen():
       frozen = ckpt.restore_frozen(abstract_like(frozen))
@@ -338,7 +276,17 @@ def _tb_writer(workdir):
   return SummaryWriter(os.path.join(workdir, "tb"))
 
 
+def smooth(values, weight: float = 0.9) -> np.ndarray:
+  """TensorBoard-style exponential moving average, debiased so the first points are not pulled to 0."""
+  out, avg = [], 0.0
+  for i, v in enumerate(values, 1):
+    avg = weight * avg + (1 - weight) * v
+    out.append(avg / (1 - weight ** i))
+  return np.asarray(out)
+
+
 def plot_losses(log_path: str, out_png: str) -> None:
+  """loss.png: each loss term, the raw per-step curve faint and its smoothed curve over it."""
   if not os.path.exists(log_path):
     return
   import matplotlib
@@ -353,7 +301,9 @@ def plot_losses(log_path: str, out_png: str) -> None:
   keys = [k for k in ("loss", "text", "bce", "dice", "ls") if k in rows[steps[0]]]
   fig, ax = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
   for a, k in zip(np.atleast_1d(ax), keys):
-    a.plot(steps, [rows[s][k] for s in steps], lw=1)
+    raw = [rows[s][k] for s in steps]
+    a.plot(steps, raw, lw=0.6, alpha=0.3, color="C0")
+    a.plot(steps, smooth(raw), lw=1.5, color="C0")
     a.set_title(k)
     a.set_xlabel("step")
   fig.tight_layout()
@@ -362,7 +312,6 @@ def plot_losses(log_path: str, out_png: str) -> None:
 
 
 def cli_main(args) -> int:
-  from segearth_jax.config import load_config
   config = load_config(args.config, args.overrides)
   summary = train(config, args.workdir, resume=not args.no_resume)
   if jax.process_index() == 0:

@@ -24,7 +24,7 @@ def repo_root():
 @pytest.fixture(scope="session")
 def toy_dataset(tmp_path_factory):
   """A small toy LaSeRS, built into TFDS once per test session: dict(manual_dir, data_dir, tokenizer)."""
-  from segearth_jax.data.toy_laserss import write_toy_laserss
+  from segearth_jax.toy.release import write_toy_laserss
   from tfds_laserss.build import build
 
   root = tmp_path_factory.mktemp("toy")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from segearth_jax.attention_supervision import ls_loss
+from segearth_jax.models import attention as attention_lib
 from segearth_jax.models.phi import Phi, PhiConfig
 
 
@@ -92,12 +93,12 @@ def test_fused_recomputed_rows_equal_plain_values_and_grads():
 
 def test_seg_rows_match_direct_softmax():
   """seg_attn = heads-summed softmax(QK^T/sqrt(d) + causal mask) rows, checked against numpy."""
-  from segearth_jax.models import attention as A
   rng = np.random.default_rng(3)
   q = rng.standard_normal((1, 7, 4, 8)).astype(np.float32)
   k = rng.standard_normal((1, 7, 2, 8)).astype(np.float32)
-  m = A.causal_mask(jnp.arange(7)[None], jnp.ones((1, 7)))
-  got = A.seg_rows_recomputed(jnp.asarray(q), jnp.asarray(k), m, 8 ** -0.5, jnp.asarray([[5]]), jnp.asarray([1]), 3)
+  seg_mask = attention_lib.causal_mask(jnp.asarray([[5]]), jnp.ones((1, 7)))   # the [SEG] query's row
+  got = attention_lib.seg_rows_recomputed(jnp.asarray(q), jnp.asarray(k), seg_mask, 8 ** -0.5,
+                                         jnp.asarray([[5]]), jnp.asarray([1]), 3)
   kk = np.repeat(k, 2, axis=2)
   s = np.einsum("qhd,khd->hqk", q[0], kk[0]) / np.sqrt(8)
   s = np.where(np.tril(np.ones((7, 7), bool))[None], s, -np.inf)

@@ -11,18 +11,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from convert_fixtures import hf_decoder_to_d2, hf_parts, mipha_state, same_arrays, state
 from train_fixtures import tiny_config
 
-from segearth_jax.convert import name_map as nm
+from segearth_jax import tensor_io
 from segearth_jax.convert.authors_map import authors_to_ours, import_authors_checkpoint
-from segearth_jax.convert.checkpoint import mask2former_config_dict
 from segearth_jax.convert.mask2former import import_mask2former
 from segearth_jax.convert.mipha import import_mipha
 from segearth_jax.errors import UserError
-
-
-def _sd(module):
-  return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 # ---------------------------------------------------------------------- HF -> authors' names (fixture)
@@ -78,36 +74,7 @@ def _pixel_decoder_to_authors(hf: dict) -> dict:
 
 
 def _predictor_to_authors(hf: dict, rng, hidden: int) -> dict:
-  out, qkv = {}, {}
-  for k, v in hf.items():
-    if m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k):
-      i, rest = m.groups()
-      if mm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
-        qkv.setdefault(f"transformer_self_attention_layers.{i}.self_attn.in_proj_{mm[2]}", {})[mm[1]] = v
-        continue
-      ren = [(r"self_attn\.out_proj\.", f"transformer_self_attention_layers.{i}.self_attn.out_proj."),
-             (r"self_attn_layer_norm\.", f"transformer_self_attention_layers.{i}.norm."),
-             (r"cross_attn\.", f"transformer_cross_attention_layers.{i}.multihead_attn."),
-             (r"cross_attn_layer_norm\.", f"transformer_cross_attention_layers.{i}.norm."),
-             (r"fc1\.", f"transformer_ffn_layers.{i}.linear1."), (r"fc2\.", f"transformer_ffn_layers.{i}.linear2."),
-             (r"final_layer_norm\.", f"transformer_ffn_layers.{i}.norm.")]
-      for pat, rep in ren:
-        if re.match(pat, rest):
-          out[re.sub("^" + pat, rep, rest)] = v
-          break
-      else:
-        raise AssertionError(f"fixture: unexpected decoder key {k}")
-    elif m := re.fullmatch(r"input_projections\.(\d+)\.(weight|bias)", k):   # feature_size != hidden_dim
-      out[f"input_proj.{m[1]}.{m[2]}"] = v
-    elif m := re.fullmatch(r"decoder\.layernorm\.(weight|bias)", k):
-      out[f"decoder_norm.{m[1]}"] = v
-    elif m := re.fullmatch(r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)", k):
-      out[f"mask_embed.layers.{m[1]}.{m[2]}"] = v
-    else:
-      out[{"level_embed.weight": "level_embed.weight", "queries_features.weight": "query_feat.weight",
-           "queries_embedder.weight": "query_embed.weight"}[k]] = v
-  for k, parts in qkv.items():
-    out[k] = np.concatenate([parts["q"], parts["k"], parts["v"]], 0)
+  out = hf_decoder_to_d2(hf)   # their predictor keeps detectron2's names
   # their decoder's extra tensors, unused at inference
   r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
   out |= {"SEG_query_embed.weight": r(2, hidden), "new_query_embed.weight": r(1, hidden),
@@ -119,38 +86,18 @@ def _predictor_to_authors(hf: dict, rng, hidden: int) -> dict:
 # ---------------------------------------------------------------------- the tiny model, both namings
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
-  from transformers import (Mask2FormerConfig, Mask2FormerModel, PhiConfig, PhiForCausalLM, SiglipVisionConfig,
-                            SiglipVisionModel, SwinConfig)
-
-  from segearth_jax.models.phi import PhiConfig as OurPhi
-
   tmp = tmp_path_factory.mktemp("authors")
   config = tiny_config()
   m = config.model
-  torch.manual_seed(0)
   rng = np.random.default_rng(0)
-  v = m.vision
-  siglip = SiglipVisionModel(SiglipVisionConfig(
-      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-      num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size))
-  proj = torch.nn.Sequential(torch.nn.Linear(v.hidden_size, m.llm.hidden_size), torch.nn.GELU(),
-                             torch.nn.Linear(m.llm.hidden_size, m.llm.hidden_size))
-  hf_phi = OurPhi.from_dict(m.llm).to_hf_dict()
-  phi = PhiForCausalLM(PhiConfig(**{k: x for k, x in hf_phi.items() if k not in ("architectures", "model_type")}))
+  parts = hf_parts(m)
+  phi, m2f = parts["phi"], parts["mask2former"]
   seg = torch.nn.Linear(m.llm.hidden_size, m.mask_decoder.hidden_dim)
-  mc = mask2former_config_dict(m, heads=m.pixel_decoder.num_attention_heads)
-  bb = {k: x for k, x in mc.pop("backbone_config").items() if k not in ("model_type",)}
-  m2f = Mask2FormerModel(Mask2FormerConfig(backbone_config=SwinConfig(**bb), **mc))
-  with torch.no_grad():  # non-default norms, and no lm_head bias (theirs has none)
-    for name, p in m2f.named_parameters():
-      if "norm" in name:
-        p.add_(0.1 * torch.randn_like(p))
+  with torch.no_grad():  # no lm_head bias (theirs has none)
     phi.lm_head.bias.zero_()
+  mllm = mipha_state(parts)
 
   # HF twin: Mipha naming + a PEFT adapter folder + a Mask2FormerModel folder
-  mllm = {f"model.vision_tower.vision_model.{k}": x for k, x in _sd(siglip).items()}
-  mllm |= {f"model.mm_projector.{k}": x for k, x in _sd(proj).items()}
-  mllm |= _sd(phi)
   L, D, r = m.llm.num_hidden_layers, m.llm.hidden_size, m.lora.rank
   lora = {}
   for i in range(L):
@@ -165,12 +112,12 @@ def twin(tmp_path_factory):
   m2f.save_pretrained(str(tmp / "m2f"))
   want = import_mipha(mllm, adapter=str(adapter))
   want["mask_head"] = import_mask2former(str(tmp / "m2f"))
-  want["seg_projector"] = {"kernel": _sd(seg)["weight"].T.copy(), "bias": _sd(seg)["bias"]}
+  want["seg_projector"] = {"kernel": state(seg)["weight"].T.copy(), "bias": state(seg)["bias"]}
 
   # authors' naming (merged layout)
   merged = {k: x for k, x in mllm.items() if k != "lm_head.bias"}
-  merged |= {f"SEG_token_projector.{k}": x for k, x in _sd(seg).items()}
-  sd = _sd(m2f)
+  merged |= {f"SEG_token_projector.{k}": x for k, x in state(seg).items()}
+  sd = state(m2f)
   part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
   merged |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
   merged |= {f"pixel_decoder.{k}": x
@@ -190,16 +137,12 @@ def twin(tmp_path_factory):
 
 
 def _assert_same(got, want):
-  g, w = nm.flatten(got), nm.flatten(want)
-  assert set(g) == set(w), (sorted(set(g) - set(w))[:5], sorted(set(w) - set(g))[:5])
-  for k in w:
-    assert np.asarray(g[k]).dtype == np.asarray(w[k]).dtype, k
-    assert np.array_equal(np.asarray(g[k]), np.asarray(w[k])), k
+  same_arrays(tensor_io.flatten(got), tensor_io.flatten(want))
 
 
 def test_peft_wrapped_safetensors_folder_equals_hf_twin(twin):
   folder = twin["tmp"] / "peft_ckpt"
-  nm.save_safetensors(twin["peft"].items(), str(folder), max_shard_bytes=1 << 20)   # sharded + index
+  tensor_io.save_safetensors(twin["peft"].items(), str(folder), max_shard_bytes=1 << 20)   # sharded + index
   assert os.path.isfile(folder / "model.safetensors.index.json")
   got = import_authors_checkpoint(str(folder), twin["config"])
   _assert_same(got, twin["want"])

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segearth_jax import experiment
+from segearth_jax.cli import main
+from segearth_jax.data.pipeline import make_dataset
+from segearth_jax.data.preprocess import Preprocessor
+from segearth_jax.data.tokenizer import train_toy_tokenizer
 from segearth_jax.errors import UserError
 from tests import native_fixtures as nf
-
-
-def _build(name, src, out, skip_bad=False):
-  from tfds_laserss.build import build
-  return build(name, src, out, skip_bad=skip_bad)
+from tfds_laserss.build import build
 
 
 def _edit_json(path, fn):
@@ -33,10 +34,10 @@ def test_malformed_json_laserss(tmp_path):
   src, ann = _laserss(tmp_path)
   ann.write_text('[{"id": 101, "image_name": ')
   with pytest.raises(UserError, match=r"train_ann\.json.*malformed JSON"):
-    _build("laserss", src, tmp_path / "out")
+    build("laserss", src, tmp_path / "out")
   # every train record lost: still an error, listing what was skipped
   with pytest.raises(UserError, match=r"(?s)split \"train\".*skipped 1 bad records.*train_ann\.json"):
-    _build("laserss", src, tmp_path / "out2", skip_bad=True)
+    build("laserss", src, tmp_path / "out2", skip_bad=True)
 
 
 def test_malformed_json_earthreason_names_record(tmp_path):
@@ -44,15 +45,15 @@ def test_malformed_json_earthreason_names_record(tmp_path):
   nf.write_earthreason(src, orphan_label=False)
   (src / "val" / "QAs" / "c3.json").write_text("{not json")
   with pytest.raises(UserError, match=r"c3\.json: record c3: field '\(file\)': malformed JSON"):
-    _build("earthreason", src, tmp_path / "out")
+    build("earthreason", src, tmp_path / "out")
 
 
 def test_rle_count_differs_from_seg_count(tmp_path):
   src, ann = _laserss(tmp_path)
   _edit_json(ann, lambda d: d[1]["mask"].pop())  # record 102: 2 [SEG], now 1 RLE
   with pytest.raises(UserError, match=r"train_ann\.json: record 102: field 'mask': 1 RLE masks but 2 \[SEG\]"):
-    _build("laserss", src, tmp_path / "out")
-  b = _build("laserss", src, tmp_path / "out2", skip_bad=True)
+    build("laserss", src, tmp_path / "out")
+  b = build("laserss", src, tmp_path / "out2", skip_bad=True)
   assert [r["record"] for r in b.skipped.records] == ["102"]
   assert b.info.splits["train"].num_examples == 1
   assert "skipped 1 bad records" in b.skipped.summary() and "record 102" in b.skipped.summary()
@@ -62,7 +63,7 @@ def test_missing_image(tmp_path):
   src, _ = _laserss(tmp_path)
   os.remove(src / "train" / "images" / "img_101.png")
   with pytest.raises(UserError, match=r"img_101\.png: record 101: field 'image_name': image file is missing"):
-    _build("laserss", src, tmp_path / "out")
+    build("laserss", src, tmp_path / "out")
 
 
 def test_unreadable_image(tmp_path):
@@ -70,14 +71,14 @@ def test_unreadable_image(tmp_path):
   nf.write_rrsisd(src)
   (src / "images" / "rrsisd" / "JPEGImages" / "00003.jpg").write_bytes(b"not a jpeg")
   with pytest.raises(UserError, match=r"00003\.jpg: record 2 \(image 3\): field 'file_name': image cannot be read"):
-    _build("rrsisd", src, tmp_path / "out")
+    build("rrsisd", src, tmp_path / "out")
 
 
 def test_mask_size_differs_laserss(tmp_path):
   src, ann = _laserss(tmp_path)
   _edit_json(ann, lambda d: d[0]["mask"][0].update(size=[20, 20]))
   with pytest.raises(UserError, match=r"record 101: field 'mask\[0\]': mask size \[20, 20\] != image size"):
-    _build("laserss", src, tmp_path / "out")
+    build("laserss", src, tmp_path / "out")
 
 
 def test_mask_size_differs_refsegrs(tmp_path):
@@ -85,7 +86,7 @@ def test_mask_size_differs_refsegrs(tmp_path):
   nf.write_refsegrs(src)
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(src / "masks" / "12.tif")
   with pytest.raises(UserError, match=r"12\.tif: record 12: field 'mask': mask size \[16, 16\] != image size"):
-    _build("refsegrs", src, tmp_path / "out")
+    build("refsegrs", src, tmp_path / "out")
 
 
 def test_mask_size_differs_rrsisd_coco(tmp_path):
@@ -93,7 +94,7 @@ def test_mask_size_differs_rrsisd_coco(tmp_path):
   nf.write_rrsisd(src)
   _edit_json(src / "rrsisd" / "instances.json", lambda d: d["images"][1].update(height=50))
   with pytest.raises(UserError, match=r"instances\.json: record 2: field 'images.height/width'"):
-    _build("rrsisd", src, tmp_path / "out")
+    build("rrsisd", src, tmp_path / "out")
 
 
 def test_unknown_split_rrsisd(tmp_path):
@@ -103,23 +104,31 @@ def test_unknown_split_rrsisd(tmp_path):
   refs[2]["split"] = "trainval"
   nf.write_refs(src, refs)
   with pytest.raises(UserError, match=r"refs\(unc\)\.p: record 2: field 'split': unknown split 'trainval'"):
-    _build("rrsisd", src, tmp_path / "out")
-  b = _build("rrsisd", src, tmp_path / "out2", skip_bad=True)
+    build("rrsisd", src, tmp_path / "out")
+  b = build("rrsisd", src, tmp_path / "out2", skip_bad=True)
   assert [r["record"] for r in b.skipped.records] == ["2"] and "val" not in b.info.splits
 
 
+@pytest.mark.parametrize("name, needs", [("laserss", "annotations/"), ("refsegrs", "output_phrase_"),
+                                         ("earthreason", "QAs/"), ("rrsisd", "refs pickle is missing")])
+def test_manual_dir_without_the_layout(tmp_path, name, needs):
+  """A manual_dir that holds nothing of the dataset's layout: an error naming the dataset and what it wants."""
+  (tmp_path / "src" / "unrelated").mkdir(parents=True)
+  with pytest.raises(UserError, match=rf"(?s){name}.*{needs}") as e:
+    build(name, tmp_path / "src", tmp_path / "out")
+  assert str(tmp_path / "src") in str(e.value)
+
+
 def test_unknown_split_pipeline_and_dataset(tmp_path):
-  from segearth_jax import experiment
-  from segearth_jax.data.pipeline import make_dataset
   src = tmp_path / "src"
   nf.write_refsegrs(src)
-  _build("refsegrs", src, tmp_path / "out")
+  build("refsegrs", src, tmp_path / "out")
   c = experiment.base_config("tiny")
   c.data.name, c.data.data_dir = "refsegrs", str(tmp_path / "out")
   with pytest.raises(UserError, match=r"refsegrs.*unknown split 'dev'"):
     make_dataset(c, "dev", tokenizer=None, train=False)
   with pytest.raises(UserError, match="unknown dataset 'nope'"):
-    _build("nope", src, tmp_path / "out3")
+    build("nope", src, tmp_path / "out3")
 
 
 def test_restricted_unpickler(tmp_path):
@@ -133,11 +142,10 @@ def test_restricted_unpickler(tmp_path):
   with open(src / "rrsisd" / "refs(unc).p", "wb") as f:
     pickle.dump([{"ref_id": 0, "x": Evil()}], f)
   with pytest.raises(UserError, match=r"refs\(unc\)\.p.*cannot be unpickled safely.*refuses"):
-    _build("rrsisd", src, tmp_path / "out")
+    build("rrsisd", src, tmp_path / "out")
 
 
 def test_orphan_qa_and_cli_message(tmp_path, capsys):
-  from segearth_jax.cli import main
   src = tmp_path / "src"
   nf.write_earthreason(src, orphan_label=False)
   os.remove(src / "train" / "labels" / "b2.png")
@@ -153,9 +161,6 @@ def test_orphan_qa_and_cli_message(tmp_path, capsys):
 
 def test_pipeline_bad_record_named_and_skipped(tmp_path):
   """A record the builder let through but the pipeline cannot use (masks vs [SEG]) is named, or skipped."""
-  from segearth_jax import experiment
-  from segearth_jax.data.preprocess import Preprocessor
-  from segearth_jax.data.tokenizer import train_toy_tokenizer
   c = experiment.base_config("tiny")
   tok = train_toy_tokenizer([c.data.system, "a b c"], tmp_path / "tok", vocab_size=300)
   ex = dict(image=np.zeros((8, 8, 3), np.uint8), masks=[np.zeros((8, 8, 1), np.uint8)] * 2,

@@ -5,7 +5,7 @@ import numpy as np
 
 from segearth_jax import sharding as shd
 from segearth_jax.bench import PEAK_FLOPS, bench_train, host_transfers, peak_flops, synthetic_batch
-from segearth_jax.train import dummy_batch
+from segearth_jax.data.batch import dummy_batch
 from train_fixtures import tiny_config
 
 # bf16 + fused attention + no remat: the GPU fast-path settings of experiments/bench_h100.py, tiny.

@@ -56,3 +56,23 @@ def test_bad_arguments_give_one_line_error(tmp_path):
     assert r.returncode == 2, (argv, r.stderr)
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") <= 1, r.stderr
+
+
+def test_a_command_prints_no_platform_probe_noise(tmp_path):
+  """A new user's first command on a CPU host: no libtpu initialisation trace (libtpu comes with the test
+  extra), no transformers advice about PyTorch; only what the command says."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  code = ("import segearth_jax, jax; jax.devices(); from segearth_jax.data.tokenizer import load_tokenizer; "
+          "import transformers")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  for noise in ("libtpu", "TPU_", "InitGoogle", "PyTorch was not found"):
+    assert noise not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [["convert", "to-torch", "--workdir", "W", "--out", "O"],
+                                     ["data", "grid", "--data", "D", "--out", "g.png"]])
+def test_override_on_a_command_without_config_is_refused(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(command + ["--config.infer.max_new_tokens=3"])
+  assert e.value.code == 2 and "takes no --config overrides" in capsys.readouterr().err

@@ -11,9 +11,11 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from segearth_jax.convert import mipha
-from segearth_jax.convert.name_map import SafetensorsReader
+from segearth_jax.losses import text_loss
 from segearth_jax.models.lora import LoraConfig
-from segearth_jax.models.mllm import MLLM, text_loss
+from segearth_jax.models.mllm import MLLM
+from segearth_jax.models.segearth import ModelConfig
+from segearth_jax.tensor_io import SafetensorsReader
 from test_phi import SHAPES, hf_tiny_phi
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=42,
@@ -65,8 +67,9 @@ def test_mipha_import_forward_export(tmp_path):
       emb[b, image_start[b]:image_start[b] + 9] = img[b]
     ref = phi(inputs_embeds=emb, attention_mask=torch.tensor(mask)).logits.numpy()
   cfg.lora.rank = 0  # plain Mipha: no LoRA children
-  model = MLLM(ml_collections_frozen(cfg))
-  out = jax.jit(lambda p: model.apply({"params": p}, pixels, ids, mask, image_start))(
+  model = MLLM(ModelConfig.from_dict(cfg))
+  batch = dict(siglip_image=pixels, input_ids=ids, attention_mask=mask, image_start=image_start)
+  out = jax.jit(lambda p: model.apply({"params": p}, batch, with_seg_attn=False))(
       jax.tree_util.tree_map(jnp.asarray, params))
   real = mask.astype(bool)
   assert np.abs(np.asarray(out["logits"])[real] - ref[real]).max() <= 1e-4
@@ -106,8 +109,3 @@ def test_mipha_import_forward_export(tmp_path):
   for t in ("q_proj", "v_proj"):
     for ab in "ab":
       assert np.array_equal(p3["llm"]["layers"]["self_attn"][t]["lora"][ab], p2["llm"]["layers"]["self_attn"][t]["lora"][ab])
-
-
-def ml_collections_frozen(cfg):
-  import ml_collections
-  return ml_collections.FrozenConfigDict(cfg)

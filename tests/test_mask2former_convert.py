@@ -2,18 +2,17 @@
 import pickle
 import re
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerModel, SwinConfig
 
+from convert_fixtures import hf_decoder_to_d2
+
 from segearth_jax.convert.mask2former import export_mask2former, import_mask2former
 from segearth_jax.convert.pixel_decoder_map import hf_pixel_decoder_to_d2
-from segearth_jax.convert.swin_map import _D2_BLOCK
 from segearth_jax.errors import UserError
 from segearth_jax.models.mask_decoder import MaskDecoderConfig
 from segearth_jax.models.mask_head import MaskHead
@@ -88,7 +87,8 @@ def _hf_to_d2(hf_sd):
   """Test helper: HF Mask2FormerForUniversalSegmentation (saved layout) -> detectron2 names."""
   d2 = hf_pixel_decoder_to_d2({k: v for k, v in hf_sd.items() if ".pixel_level_module.decoder." in k},
                               hf_prefix="model.pixel_level_module.decoder.")
-  inv_block = {v: k for k, v in _D2_BLOCK.items()}
+  inv_block = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+               "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
   qkv = {}
   for k, v in hf_sd.items():
     if k.startswith("model.pixel_level_module.encoder."):
@@ -111,35 +111,15 @@ def _hf_to_d2(hf_sd):
         d2[f"backbone.norm{int(m[1]) - 1}.{m[2]}"] = v
       else:
         raise AssertionError(k)
-    elif k.startswith("model.transformer_module."):
-      r, p = k[len("model.transformer_module."):], "sem_seg_head.predictor."
-      if m := re.fullmatch(r"decoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(\w+)", r):
-        qkv.setdefault(f"{p}transformer_self_attention_layers.{m[1]}.self_attn.in_proj_{m[3]}", {})[m[2]] = v
-        continue
-      subs = [(r"decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer_self_attention_layers.\1.self_attn.out_proj."),
-              (r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer_self_attention_layers.\1.norm."),
-              (r"decoder\.layers\.(\d+)\.cross_attn\.", r"transformer_cross_attention_layers.\1.multihead_attn."),
-              (r"decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"transformer_cross_attention_layers.\1.norm."),
-              (r"decoder\.layers\.(\d+)\.fc1\.", r"transformer_ffn_layers.\1.linear1."),
-              (r"decoder\.layers\.(\d+)\.fc2\.", r"transformer_ffn_layers.\1.linear2."),
-              (r"decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer_ffn_layers.\1.norm."),
-              (r"decoder\.layernorm\.", "decoder_norm."),
-              (r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"mask_embed.layers.\1."),
-              (r"input_projections\.", "input_proj."),
-              (r"queries_features\.", "query_feat."), (r"queries_embedder\.", "query_embed.")]
-      for a, b in subs:
-        r2, n = re.subn("^" + a, b, r)
-        if n:
-          r = r2
-          break
-      d2[p + r] = v
     elif k.startswith("class_predictor."):
       d2["sem_seg_head.predictor.class_embed." + k.split(".", 1)[1]] = v
     elif k == "criterion.empty_weight":
       d2[k] = v
   for k, parts in qkv.items():
-    order = ("query", "key", "value") if "query" in parts else ("q", "k", "v")
-    d2[k] = np.concatenate([parts[o] for o in order], 0)
+    d2[k] = np.concatenate([parts["query"], parts["key"], parts["value"]], 0)
+  decoder = {k[len("model.transformer_module."):]: v for k, v in hf_sd.items()
+             if k.startswith("model.transformer_module.")}
+  d2 |= {"sem_seg_head.predictor." + k: v for k, v in hf_decoder_to_d2(decoder).items()}
   return d2
 
 

@@ -1,4 +1,5 @@
 """Masked-attention decoder vs transformers' Mask2FormerTransformerModule, weights through our name map."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,11 @@ import torch
 from transformers import Mask2FormerConfig, SwinConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerTransformerModule
 
+from segearth_jax import presets
 from segearth_jax.convert.mask_decoder_map import mask_decoder_ignore, mask_decoder_rules
 from segearth_jax.convert.name_map import NameMap
 from segearth_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
+from segearth_jax.sharding import AXIS_NAMES
 
 # (feature_size, mask_feature_size, hidden_dim, heads, ffn, decoder_layers, pre_norm, sizes, flat_mask_features)
 CASES = {
@@ -114,14 +117,11 @@ def test_padded_slots_change_nothing():
 
 
 def test_config_and_logical_axes():
-  from segearth_jax import presets
   cfg = MaskDecoderConfig.from_dict(presets.model_config("tiny").mask_decoder)
   assert cfg.hidden_dim == 64 and cfg.num_layers == 3
   dec = MaskDecoder(cfg)
   shapes = jax.eval_shape(dec.init, jax.random.key(0), jnp.zeros((1, 2, 64)), jnp.ones((1, 2), bool),
                           [jnp.zeros((1, s, s, 64)) for s in (2, 4, 8)], jnp.zeros((1, 16, 16, 64)))
-  import flax.linen as nn
-  from segearth_jax.sharding import AXIS_NAMES
   specs = jax.tree.leaves(nn.get_partition_spec(shapes["params"]), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   names = {a for s in specs for a in s}
   assert names <= set(AXIS_NAMES) and names >= {"head_embed", "head_mlp", "head_heads", "head_levels", "norm"}

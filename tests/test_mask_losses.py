@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from transformers.models.mask2former.modeling_mask2former import dice_loss, sample_point, sigmoid_cross_entropy_loss
 
-from segearth_jax.mask_losses import mask_loss, point_sample, sample_points
+from segearth_jax.mask_losses import mask_loss, point_bce_dice, point_sample, sample_points
 
 
 def test_point_sample_matches_grid_sample():
@@ -29,8 +29,7 @@ def test_losses_match_hf_formulas_at_the_same_points():
   t_pl, t_lb = torch.from_numpy(pl.copy()), torch.from_numpy(lb.copy())
   ref_bce = sigmoid_cross_entropy_loss(t_pl, t_lb, 4).item()
   ref_dice = dice_loss(t_pl, t_lb, 4).item()
-  from segearth_jax import mask_losses as ml
-  bce, dice = ml._bce_dice(jnp.asarray(pl), jnp.asarray(lb))
+  bce, dice = point_bce_dice(jnp.asarray(pl), jnp.asarray(lb))
   np.testing.assert_allclose(float(bce.sum() / 4), ref_bce, rtol=1e-5)
   np.testing.assert_allclose(float(dice.sum() / 4), ref_dice, rtol=1e-5)
 

@@ -2,13 +2,13 @@
 (fsdp=4 x tensor=2, params sharded by the logical-axis table) equal the unsharded run."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from segearth_jax import presets, sharding
 from segearth_jax.attention_supervision import ls_loss
-from segearth_jax.models.mllm import MLLM, n_image_tokens, text_loss
+from segearth_jax.losses import text_loss
+from segearth_jax.models.mllm import MLLM
+from segearth_jax.models.segearth import ModelConfig
 
 
 def tiny_cfg():
@@ -22,34 +22,33 @@ def tiny_cfg():
   cfg.lora.rank = 4
   cfg.attention_impl = "fused"
   cfg.remat_policy = "none"
-  return ml_collections.FrozenConfigDict(cfg)
+  return ModelConfig.from_dict(cfg)
 
 
 def test_sharded_forward_loss_and_grads_equal_unsharded():
   cfg = tiny_cfg()
   model = MLLM(cfg)
-  b, l, n_img = 4, 32, n_image_tokens(cfg)
+  b, l, n_img = 4, 32, presets.image_tokens(cfg)
   rng = np.random.default_rng(0)
   batch = dict(
-      pixels=rng.standard_normal((b, 56, 56, 3)).astype(np.float32),
-      ids=rng.integers(0, 128, (b, l)).astype(np.int32),
-      mask=np.ones((b, l), np.int32),
+      siglip_image=rng.standard_normal((b, 56, 56, 3)).astype(np.float32),
+      input_ids=rng.integers(0, 128, (b, l)).astype(np.int32),
+      attention_mask=np.ones((b, l), np.int32),
       image_start=np.array([1, 2, 1, 3], np.int32),
       seg_positions=np.array([[24, 27], [25, 30], [26, 0], [28, 29]], np.int32),
       seg_valid=np.array([[1, 1], [1, 1], [1, 0], [1, 1]], bool),
       grid=(rng.random((b, 2, n_img)) > 0.5).astype(np.float32))
-  batch["mask"][2, 29:] = 0
-  batch["labels"] = np.where(np.arange(l)[None] >= 20, batch["ids"], -100).astype(np.int32)
+  batch["attention_mask"][2, 29:] = 0
+  batch["labels"] = np.where(np.arange(l)[None] >= 20, batch["input_ids"], -100).astype(np.int32)
 
-  boxed = jax.jit(model.init)(jax.random.PRNGKey(0), batch["pixels"][:1], batch["ids"][:1], batch["mask"][:1],
-                              batch["image_start"][:1])["params"]
+  boxed = jax.jit(model.init)(jax.random.PRNGKey(0), {k: v[:1] for k, v in batch.items()})["params"]
+  assert set(boxed) == {"vision", "projector", "llm"}
   params = nn.meta.unbox(boxed)
   params = jax.tree_util.tree_map_with_path(  # non-zero LoRA B so its path matters
       lambda p, x: x + 0.05 if "lora" in jax.tree_util.keystr(p) else x, params)
 
   def loss_fn(params, batch):
-    out = model.apply({"params": params}, batch["pixels"], batch["ids"], batch["mask"], batch["image_start"],
-                      seg_positions=batch["seg_positions"])
+    out = model.apply({"params": params}, batch)
     lt = text_loss(out["logits"], batch["labels"])
     ls = ls_loss(out["seg_attn"], batch["grid"], batch["seg_valid"], num_heads=cfg.llm.num_attention_heads)
     return lt + 0.01 * ls, (lt, ls, out["logits"])

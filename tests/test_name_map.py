@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from segearth_jax.convert.name_map import (CONV2D, LINEAR, ConversionError, NameMap, Rule, SafetensorsReader,
-                                           save_safetensors)
+from segearth_jax.convert.name_map import CONV2D, LINEAR, ConversionError, NameMap, Rule
+from segearth_jax.tensor_io import SafetensorsReader, save_safetensors
 
 
 def _map():

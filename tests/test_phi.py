@@ -87,7 +87,7 @@ def test_padding_mask_matches_transformers():
 
 
 def test_param_tree_and_logical_axes():
-  cfg = PhiConfig.from_dict(dict(SHAPES["odd_rotary"], layer_norm_eps=1e-5, unknown_field=1))
+  cfg = PhiConfig.from_dict(dict(SHAPES["odd_rotary"], layer_norm_eps=1e-5))
   model = Phi(cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 40))))["params"]
   assert set(boxed) == {"embed_tokens", "layers", "final_layernorm", "lm_head"}

@@ -2,19 +2,24 @@
 the [SEG] cap, and global jax.Array batches."""
 import logging
 
+import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from segearth_jax import experiment, sharding
+from segearth_jax.data.batch import HOST_ONLY, device_part, dummy_batch, global_batch
+from segearth_jax.data.pipeline import make_dataset
+from segearth_jax.data.preprocess import Preprocessor, trim_to_bucket
+from segearth_jax.data.tokenizer import image_token_id, seg_token_id, train_toy_tokenizer
 from tests import native_fixtures as nf
+from tfds_laserss.build import build
 
 N = 12
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from segearth_jax import experiment
-  from segearth_jax.data.tokenizer import train_toy_tokenizer
-  from tfds_laserss.build import build
   root = tmp_path_factory.mktemp("pipe")
   records = nf.write_laserss_many(root / "src", n=N)
   build("laserss", root / "src", root / "tfds")
@@ -39,8 +44,6 @@ def _take(ds, k):
 
 
 def test_batch_contract(setup):
-  from segearth_jax.data.pipeline import make_dataset
-  from segearth_jax.data.tokenizer import image_token_id, seg_token_id
   c, tok, records = setup
   (b,) = _take(make_dataset(c, "train", tokenizer=tok, train=True, process_index=0, process_count=1), 1)
   B, S, M, K, G = 4, 28, 32, 2, 2
@@ -88,7 +91,6 @@ def test_batch_contract(setup):
 
 
 def test_seed_determinism(setup):
-  from segearth_jax.data.pipeline import make_dataset
   c, tok, _ = setup
 
   def ids(seed):
@@ -101,7 +103,6 @@ def test_seed_determinism(setup):
 
 
 def test_shards_disjoint_and_cover(setup):
-  from segearth_jax.data.pipeline import make_dataset
   c, tok, _ = setup
   shards = []
   for p in range(2):  # batch 4 over 2 processes: 2 per process, 3 batches = half an epoch each
@@ -114,7 +115,6 @@ def test_shards_disjoint_and_cover(setup):
 
 
 def test_resume_exact(setup):
-  from segearth_jax.data.pipeline import make_dataset
   c, tok, _ = setup
   ds = make_dataset(c, "train", tokenizer=tok, train=True, process_index=0, process_count=1, seed=5)
   it = iter(ds)
@@ -132,7 +132,6 @@ def test_resume_exact(setup):
 
 
 def test_eval_padding_and_prompt(setup):
-  from segearth_jax.data.pipeline import make_dataset
   c, tok, records = setup
   c = c.copy_and_resolve_references()
   c.train.batch_size = 5
@@ -162,9 +161,6 @@ def test_eval_padding_and_prompt(setup):
 
 
 def test_seg_cap_counted(setup, caplog):
-  import tensorflow_datasets as tfds
-
-  from segearth_jax.data.preprocess import Preprocessor
   c, tok, _ = setup
   src = tfds.data_source("laserss", split="train", data_dir=c.data.data_dir)
   pre = Preprocessor(c, tok, train=True)
@@ -177,9 +173,6 @@ def test_seg_cap_counted(setup, caplog):
 
 
 def test_text_cut_counted(setup):
-  import tensorflow_datasets as tfds
-
-  from segearth_jax.data.preprocess import Preprocessor
   c, tok, _ = setup
   c = c.copy_and_resolve_references()
   pre = Preprocessor(c, tok, train=True)
@@ -192,23 +185,42 @@ def test_text_cut_counted(setup):
 
 
 def test_global_batch(setup):
-  import jax
-
-  from segearth_jax import sharding
-  from segearth_jax.data.pipeline import global_batch, make_dataset
   c, tok, _ = setup
   (b,) = _take(make_dataset(c, "train", tokenizer=tok, train=True, process_index=0, process_count=1), 1)
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[:4])
-  g = global_batch(b, mesh)
+  g = global_batch(b, lambda ndim: sharding.batch_sharding(mesh, ndim))
   assert isinstance(g["input_ids"], jax.Array) and g["input_ids"].shape == b["input_ids"].shape
   assert len(g["masks"].sharding.device_set) == 4
   np.testing.assert_array_equal(np.asarray(g["masks"]), b["masks"])
   assert isinstance(g["example_id"], np.ndarray)
+  # an eval batch: every host-only field stays numpy, the numeric ones (prompt_len too) become jax.Arrays
+  (e,) = _take(make_dataset(c, "test", tokenizer=tok, train=False, process_index=0, process_count=1), 1)
+  g = global_batch(e, lambda ndim: sharding.batch_sharding(mesh, ndim))
+  assert set(HOST_ONLY) <= set(g) and all(isinstance(g[k], np.ndarray) for k in HOST_ONLY)
+  assert isinstance(g["prompt_len"], jax.Array)
+
+
+def test_dummy_batch_matches_the_pipeline(setup):
+  """dummy_batch (init, AOT, benchmarks) has the keys, dtypes and shapes of a real preprocessed batch."""
+  c, tok, _ = setup
+  src = tfds.data_source("laserss", split="train", data_dir=c.data.data_dir)
+  pre = Preprocessor(c, tok, train=True)
+  rows = [pre(src[i]) for i in range(3)]
+  real = trim_to_bucket({k: np.stack([r[k] for r in rows]) for k in rows[0]}, c.data.text_buckets)
+  assert set(HOST_ONLY) & set(real) == {"example_id"}
+  want = {k: v for k, v in real.items() if k not in HOST_ONLY}
+  dummy = dummy_batch(c, 3, real["input_ids"].shape[1])
+  assert sorted(dummy) == sorted(want) == sorted(device_part(real))
+  for k, v in want.items():
+    assert (dummy[k].shape, dummy[k].dtype) == (v.shape, v.dtype), k
+  # without a length: the longest bucket; the one [SEG] slot lies inside the text
+  full = dummy_batch(c, 2)
+  assert full["input_ids"].shape == (2, max(c.data.text_buckets))
+  assert 0 < full["seg_positions"][0, 0] < max(c.data.text_buckets)
 
 
 def test_worker_processes_same_batches(setup):
   """data.workers > 0 runs preprocessing in grain worker processes; the batches are the in-process ones."""
-  from segearth_jax.data.pipeline import make_dataset
   c, tok, _ = setup
   cw = c.copy_and_resolve_references()
   cw.data.workers = 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Mask2FormerConfig, Mask2FormerModel, SwinConfig
 
-from segearth_jax import presets, sharding
+from segearth_jax import presets, sharding, tensor_io
 from segearth_jax.convert import name_map
 from segearth_jax.convert.pixel_decoder_map import (
     HF_PREFIX, d2_pixel_decoder_to_hf, hf_pixel_decoder_to_d2, pixel_decoder_ignore, pixel_decoder_rules)
@@ -72,7 +72,7 @@ def test_config_from_hf_and_presets(case):
   assert pc.num_fpn_levels == 1
   tiny = PixelDecoderConfig.from_dict(presets.model_config("tiny").pixel_decoder, (32, 64, 128, 256))
   assert tiny.feature_size % 32 == 0 and tiny.encoder_layers == 2
-  with pytest.raises(ValueError, match="multiple of 32"):
+  with pytest.raises(UserError, match="multiple of 32"):
     PixelDecoderConfig(feature_channels=(8, 16, 32, 64), feature_size=48)
 
 
@@ -99,8 +99,8 @@ def test_param_tree_matches_init(case):
   _, cfg, _, feats, sd = case
   mod = PixelDecoder(PixelDecoderConfig.from_hf(cfg))
   abstract = jax.eval_shape(lambda: nn.meta.unbox(mod.init(jax.random.key(0), feats)["params"]))
-  got = {k: v.shape for k, v in name_map.flatten(_to_ours(sd)).items()}
-  assert got == {k: v.shape for k, v in name_map.flatten(abstract).items()}
+  got = {k: v.shape for k, v in tensor_io.flatten(_to_ours(sd)).items()}
+  assert got == {k: v.shape for k, v in tensor_io.flatten(abstract).items()}
 
 
 def test_hf_roundtrip_bit_exact(case):
@@ -136,7 +136,7 @@ def test_detectron2_pickle_imports_to_same_params(case, tmp_path):
   assert hf_again.keys() == hf_state.keys()
   ours_d2 = _to_ours(hf_again, HF_PREFIX)
   ours_hf = _to_ours(sd)
-  flat_a, flat_b = name_map.flatten(ours_d2), name_map.flatten(ours_hf)
+  flat_a, flat_b = tensor_io.flatten(ours_d2), tensor_io.flatten(ours_hf)
   assert flat_a.keys() == flat_b.keys()
   for k in flat_a:
     assert np.array_equal(flat_a[k], flat_b[k]), k

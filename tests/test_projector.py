@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from segearth_jax.convert.name_map import NameMap, flatten
+from segearth_jax.convert.name_map import NameMap
+from segearth_jax.tensor_io import flatten
 from segearth_jax.convert.siglip_map import projector_rules
 from segearth_jax.models.projector import Projector, splice_image_tokens
 

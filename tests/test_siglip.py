@@ -1,4 +1,5 @@
 """SigLIP tower vs transformers' SiglipVisionModel, with weights copied through our name map."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from segearth_jax.convert.siglip_map import (export_siglip, import_siglip, sigli
                                              siglip_rules)
 from segearth_jax.errors import UserError
 from segearth_jax.models.siglip import SiglipConfig, SiglipVisionTower
+from segearth_jax.presets import model_config
 
 # (hf kwargs, head present in the HF model, our layer layout)
 SHAPES = {
@@ -83,7 +85,6 @@ def test_feature_layer_index_and_size_checks():
     SiglipConfig(**{**cfg.__dict__, "feature_layer": 4}).feature_index
   with pytest.raises(UserError, match="unknown field"):
     SiglipConfig.from_dict({"hidden_size": 8, "hiden_act": "gelu"})
-  from segearth_jax.presets import model_config
   vis = SiglipConfig.from_dict(model_config("mipha3b").vision)
   assert (vis.hidden_size, vis.num_patches, vis.feature_index) == (1152, 729, 26)
   with pytest.raises(UserError, match="28x28x3"):
@@ -143,7 +144,7 @@ def test_sharded_jit_equals_unsharded():
   pix = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 3))
   plain = SiglipVisionTower(cfg)
   boxed = plain.init(jax.random.PRNGKey(0), pix)
-  params = jax.tree_util.tree_map(lambda x: x + 0.0, jax.device_get(nn_unbox(boxed)))
+  params = jax.tree_util.tree_map(lambda x: x + 0.0, jax.device_get(nn.meta.unbox(boxed)))
   ref = jax.jit(plain.apply)(params, pix)
 
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
@@ -156,8 +157,3 @@ def test_sharded_jit_equals_unsharded():
     out = jax.jit(remat.apply)(placed, jax.device_put(pix, sharding.batch_sharding(mesh, 4)))
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
   assert float(jnp.abs(ref).max()) > 0.1
-
-
-def nn_unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)

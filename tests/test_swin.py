@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from segearth_jax import presets, sharding
-from segearth_jax.convert import name_map
+from segearth_jax import presets, sharding, tensor_io
 from segearth_jax.convert.swin_map import (M2F_PREFIX, d2_swin_to_hf, export_swin, import_swin,
                                            save_swin_backbone, swin_ignore, swin_layout)
 from segearth_jax.errors import UserError
@@ -94,7 +93,7 @@ def test_parity_mask2former_checkpoint(m2f, m2f_ours):
   """Set 1: weights from the saved Mask2Former safetensors (legacy names, default prefix)."""
   cfg = m2f_ours["config"]
   assert cfg.depths == (2, 2, 2, 2) and cfg.window_size == 4
-  lay = swin_layout(name_map.SafetensorsReader(str(m2f["path"])).keys())
+  lay = swin_layout(tensor_io.SafetensorsReader(str(m2f["path"])).keys())
   assert lay == dict(prefix=M2F_PREFIX, body="", legacy=True, stage_norms=True)
   _check_features(m2f_ours["outs"], m2f["ref"], cfg, (64, 64))
 
@@ -110,18 +109,18 @@ def test_parity_standalone_padded(standalone):
   _check_features(outs, standalone["ref"], cfg, (58, 54))
   assert [o.shape[1:3] for o in outs] == [(15, 14), (8, 7), (4, 4), (2, 2)]
   # the unscanned layout (blocks_{j}) has the same tree as the module builds and converts back
-  flat = name_map.flatten(import_swin(sd, scan_layers=False))
+  flat = tensor_io.flatten(import_swin(sd, scan_layers=False))
   init = jax.eval_shape(SwinBackbone(cfg, scan_layers=False).init, jax.random.key(0), x)
-  want = name_map.flatten(nn.meta.unbox(init)["params"])
+  want = tensor_io.flatten(nn.meta.unbox(init)["params"])
   assert {k: v.shape for k, v in flat.items()} == {k: v.shape for k, v in want.items()}
   assert "stage2/blocks_2/attention/query/kernel" in flat
   np.testing.assert_array_equal(flat["stage2/blocks_1/fc1/kernel"],
-                                name_map.flatten(params)["stage2/blocks/fc1/kernel"][1])
+                                tensor_io.flatten(params)["stage2/blocks/fc1/kernel"][1])
 
 
 # --------------------------------------------------------------------------------------- conversion
 def _hf_tensors(path):
-  r = name_map.SafetensorsReader(str(path))
+  r = tensor_io.SafetensorsReader(str(path))
   return {k: r.get(k) for k in r.keys() if k.startswith(M2F_PREFIX)}
 
 
@@ -189,8 +188,8 @@ def test_detectron2_pickle_matches_hf(m2f, tmp_path):
   pkl = tmp_path / "model_final.pkl"
   with open(pkl, "wb") as f:
     pickle.dump({"model": d2, "__author__": "test"}, f)
-  ours_d2 = name_map.flatten(import_swin(str(pkl)))
-  ours_hf = name_map.flatten(import_swin(str(m2f["path"])))
+  ours_d2 = tensor_io.flatten(import_swin(str(pkl)))
+  ours_hf = tensor_io.flatten(import_swin(str(m2f["path"])))
   assert set(ours_d2) == set(ours_hf)
   for k in ours_hf:
     assert np.array_equal(ours_d2[k], ours_hf[k]), k

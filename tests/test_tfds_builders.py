@@ -7,7 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from segearth_jax.errors import UserError
+from segearth_jax.toy.release import write_toy_laserss
 from tests import native_fixtures as nf
+from tfds_laserss.build import build
 
 
 def _read_all(name, data_dir):
@@ -48,7 +51,6 @@ def _check(got, expected, id_fields=()):
 
 
 def test_laserss_odd_cases(tmp_path):
-  from tfds_laserss.build import build
   expected = nf.write_laserss_odd(tmp_path / "src")
   build("laserss", tmp_path / "src", tmp_path / "tfds")
   got = _read_all("laserss", tmp_path / "tfds")
@@ -66,8 +68,6 @@ def test_laserss_odd_cases(tmp_path):
 def test_laserss_toy_generator(tmp_path):
   from pycocotools import mask as mask_util
 
-  from segearth_jax.data.toy_laserss import write_toy_laserss
-  from tfds_laserss.build import build
   write_toy_laserss(tmp_path / "toy", images=4, seed=1, size=48)
   build("laserss", tmp_path / "toy", tmp_path / "tfds")
   got = _read_all("laserss", tmp_path / "tfds")
@@ -96,7 +96,6 @@ def test_laserss_toy_generator(tmp_path):
 
 
 def test_rrsisd(tmp_path):
-  from tfds_laserss.build import build
   expected = nf.write_rrsisd(tmp_path / "src")
   build("rrsisd", tmp_path / "src", tmp_path / "tfds")
   got = _read_all("rrsisd", tmp_path / "tfds")
@@ -106,15 +105,12 @@ def test_rrsisd(tmp_path):
 
 
 def test_refsegrs(tmp_path):
-  from tfds_laserss.build import build
   expected = nf.write_refsegrs(tmp_path / "src")
   build("refsegrs", tmp_path / "src", tmp_path / "tfds")
   _check(_read_all("refsegrs", tmp_path / "tfds"), expected, id_fields=("source_id",))
 
 
 def test_earthreason_and_orphans(tmp_path):
-  from segearth_jax.errors import UserError
-  from tfds_laserss.build import build
   expected = nf.write_earthreason(tmp_path / "src")
   with pytest.raises(UserError, match="zz9"):
     build("earthreason", tmp_path / "src", tmp_path / "bad")

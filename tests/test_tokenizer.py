@@ -6,6 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CodeGenTokenizer
 
 from segearth_jax.data import tokenizer as tk
+from segearth_jax.data.answer import EOS_TOKEN
 from segearth_jax.errors import UserError
 
 ANSWER = "<p>storage tank</p>[SEG] and <p>ship</p>[SEG]"
@@ -29,7 +30,7 @@ def test_toy_special_tokens_are_single_ids(toy):
   assert tok.decode(ids) == ANSWER
   ids = tok.encode("look at \n<image>\n now[SEG]x", add_special_tokens=False)
   assert ids.count(img) == 1 and ids.count(seg) == 1
-  assert tok.pad_token == tok.eos_token == tk.EOS_TOKEN
+  assert tok.pad_token == tok.eos_token == EOS_TOKEN
 
 
 def test_toy_saved_folder_loads_same_ids(toy, tmp_path):

@@ -4,14 +4,21 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 
 from train_fixtures import tiny_config
 
-from segearth_jax.convert.checkpoint import export_torch, load_params, save_weights
+from segearth_jax import sharding as shd
+from segearth_jax.convert.checkpoint import export_torch
 from segearth_jax.convert.torch_model import SegEarthR2Torch
-from segearth_jax.data.tokenizer import EOS_TOKEN, seg_token_id, train_toy_tokenizer
+from segearth_jax.data.batch import device_part
+from segearth_jax.data.preprocess import trim_to_bucket
+from segearth_jax.data.tokenizer import seg_token_id, train_toy_tokenizer
 from segearth_jax.experiment import EVAL_PROMPT, PHI_SYSTEM
+from segearth_jax.generate import generate
+from segearth_jax.model_setup import ModelSetup
+from segearth_jax.models.mllm import make_llm
+from segearth_jax.predict import Predictor
+from segearth_jax.weights import load_params, save_weights
 
 INSTRUCTION = "segment the ships near the harbour"
 MAX_NEW = 6
@@ -51,18 +58,13 @@ def steer(params, tok, rng):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  from segearth_jax import sharding as shd
-  from segearth_jax.optim import merge_params
-  from segearth_jax.train import TrainSetup
-
   tmp = tmp_path_factory.mktemp("export")
   tok = make_tokenizer(str(tmp / "tok"))
   config = tiny_config(f"--config.data.tokenizer={tmp / 'tok'}", f"--config.infer.max_new_tokens={MAX_NEW}",
                        "--config.data.text_buckets=(192,)", "--config.data.max_len=192")
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  setup = TrainSetup.create(config, mesh=mesh, vocab_size=len(tok))
-  state, frozen = setup.init_state(0)
-  params = jax.tree.map(lambda x: np.array(jax.device_get(x)), merge_params(state["params"], frozen))
+  setup = ModelSetup.create(config, mesh=mesh, vocab_size=len(tok))
+  params = jax.tree.map(lambda x: np.array(jax.device_get(x)), setup.init_params(0))
   seg, a = steer(params, tok, np.random.default_rng(0))
   W = str(tmp / "weights")
   save_weights(params, config, W, tok)
@@ -81,11 +83,9 @@ def test_weights_folder_round_trip(exported):
 
 
 def test_segment_matches_jax_predict(exported):
-  from segearth_jax.infer import Predictor
-
   rng = np.random.default_rng(1)
   image = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)   # not square: letterbox in and out
-  pred = Predictor.from_workdir(None, weights=exported["W"])
+  pred = Predictor.load(exported["W"])
   ours = pred(image, INSTRUCTION)
   model = SegEarthR2Torch.from_pretrained(exported["out"])
   assert hasattr(model.llm, "peft_config")                          # LoRA came as a PEFT adapter
@@ -103,15 +103,11 @@ def test_segment_matches_jax_predict(exported):
     assert iou >= 0.999
 
   # LM logits of each generated step, teacher-forced through the JAX model, vs the torch KV-cache loop
-  from segearth_jax.data.preprocess import trim_to_bucket
-  from segearth_jax.models.segearth import make_llm
-  from segearth_jax.train import device_part
-
   setup, params = pred.setup, pred.params
   ex = pred.pre(dict(id="x", image=image, masks=[], answer="", instruction=INSTRUCTION))
   batch = device_part(trim_to_bucket({k: np.asarray(v)[None] for k, v in ex.items()}, pred.pre.buckets))
   model_j = setup.model
-  cfg = exported["config"].model
+  cfg = model_j.config
   # the steps of make_predict_fn, stopping before the threshold: mask logits of the last prediction
   mask_logits = np.asarray(_mask_logits(model_j, make_llm(cfg), params, batch, exported["tok"].eos_token_id, seg,
                                         cfg.max_seg))
@@ -130,8 +126,6 @@ def test_segment_matches_jax_predict(exported):
 
 
 def _mask_logits(model_j, llm, params, batch, eos, seg, max_seg):
-  from segearth_jax.generate import generate
-
   @jax.jit
   def run(params, batch):
     embeds = model_j.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],

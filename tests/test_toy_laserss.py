@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segearth_jax.data import instructions as ins
 from segearth_jax.data.preview import draw_grid
 from segearth_jax.data.tokenizer import load_tokenizer, seg_token_id
-from segearth_jax.data.toy_laserss import write_toy_laserss
 from segearth_jax.errors import UserError
+from segearth_jax.toy import instructions as ins
+from segearth_jax.toy.release import write_toy_laserss
 
 SUBSETS = ("semantic", "instance", "part", "single", "multiple", "explicit", "implicit", "short", "long",
            "no_target")

@@ -20,7 +20,7 @@ CKPT_EVERY = 3
 
 def _overrides(ds, *extra):
   return TINY_OVERRIDES + [
-      f"--config.data.data_dir={ds['data_dir']}", f"--config.data.manual_dir={ds['manual_dir']}",
+      f"--config.data.data_dir={ds['data_dir']}",
       f"--config.data.tokenizer={ds['tokenizer']}", f"--config.train.steps={STEPS}",
       f"--config.train.ckpt_every={CKPT_EVERY}", "--config.loss.lambda_s=0.1", *extra]
 
@@ -211,9 +211,9 @@ def test_text_stage_trains_the_mllm_and_seeds_the_full_stage(toy_dataset, tmp_pa
   from segearth_jax import train as train_lib
   from segearth_jax.checkpointing import Checkpointer
   from segearth_jax.config import load_config
-  from segearth_jax.convert.checkpoint import load_params
   from segearth_jax.data.tokenizer import load_tokenizer
   from segearth_jax.optim import merge_params
+  from segearth_jax.weights import load_params
 
   text_wd, full_wd = tmp_path / "text", tmp_path / "full"
   text_cfg = load_config(os.path.join(REPO, "experiments", "toy_text.py"),
@@ -254,3 +254,22 @@ def test_unknown_objective_is_a_user_error(toy_dataset):
                     _overrides(toy_dataset, "--config.train.objective=masks"))
   with pytest.raises(UserError, match="train.objective"):
     train_lib.TrainSetup.create(cfg)
+
+
+def test_predict_overrides_apply_to_the_stored_config(toy_dataset, reference_run, tmp_path):
+  """`segearth predict --workdir W --config.infer.max_new_tokens=1` (no --config): the override applies to
+  the run's stored config; a field that does not exist is refused, naming it."""
+  from PIL import Image
+
+  from segearth_jax import cli
+  from segearth_jax.predict import Predictor
+
+  pred = Predictor.load(reference_run["workdir"], overrides=["--config.infer.max_new_tokens=1"])
+  assert pred.config.infer.max_new_tokens == 1
+  src = os.path.join(toy_dataset["manual_dir"], "test", "images")
+  image = np.asarray(Image.open(os.path.join(src, sorted(os.listdir(src))[0])).convert("RGB"))
+  assert len(pred(image, "the storage tanks")["tokens"]) == 1
+  img = os.path.join(src, sorted(os.listdir(src))[0])
+  rc = cli.main(["predict", "--workdir", reference_run["workdir"], "--image", img, "--instruction", "x",
+                 "--out", str(tmp_path / "o"), "--config.infer.nosuch=1"])
+  assert rc == 2 and not (tmp_path / "o").exists()

@@ -6,6 +6,8 @@ import os
 import numpy as np
 
 from segearth_jax.config import load_config
+from segearth_jax.data.batch import dummy_batch
+from segearth_jax.presets import image_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,13 +29,11 @@ def tiny_config(*extra: str):
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict:
   """A batch with the pipeline's contract filled with random but valid content."""
-  from segearth_jax.train import dummy_batch
-
   rng = np.random.default_rng(seed)
   b = dummy_batch(config, batch_size, min(config.data.text_buckets))
   m = config.model
   B, L = b["input_ids"].shape
-  G = m.vision.image_size // m.vision.patch_size
+  G = image_grid(m)
   n_img = G * G
   vocab = m.llm.vocab_size
   b["siglip_image"] = rng.normal(size=b["siglip_image"].shape).astype(np.float32)

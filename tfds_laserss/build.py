@@ -7,15 +7,15 @@ from __future__ import annotations
 import os
 import shutil
 
+import tensorflow_datasets as tfds
+
 from segearth_jax.errors import UserError
+from tfds_laserss import BUILDERS
 
 
 def build(name: str, manual_dir, data_dir, skip_bad: bool = False):
   """Builds dataset `name` from `manual_dir` into `data_dir`; returns the builder (`.skipped` lists the
   records skipped with skip_bad). A failed build leaves no half-written version behind."""
-  import tensorflow_datasets as tfds
-
-  from tfds_laserss import BUILDERS
   if name not in BUILDERS:
     raise UserError(f"unknown dataset {name!r}; choose one of {sorted(BUILDERS)}")
   manual_dir, data_dir = os.fspath(manual_dir), os.fspath(data_dir)

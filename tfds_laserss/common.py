@@ -4,7 +4,7 @@ Every builder writes the same core features so one input pipeline reads them all
   image        tfds Image (the source PNG/JPEG bytes when they are already RGB PNG/JPEG, else re-encoded PNG)
   masks        Sequence(Image(shape=(None, None, 1))) of PNG bytes, values 0/1, one per target, in answer order
   instruction  the user's instruction / referring expression / question
-  answer       the assistant turn the model is trained to write, with one [SEG] per mask
+  answer       the assistant turn the model is trained to write, with one [SEG] per mask (data/answer.py)
   id           a unique example id (text)
   image_name   the source image file name (or COCO image id for rrsisd)
   no_target    True when the instruction has no target in the image
@@ -15,9 +15,11 @@ files are ArrayRecord, reading goes through `tfds.data_source`.
 """
 from __future__ import annotations
 
+import abc
 import io
+import json
 import os
-import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +28,8 @@ from PIL import Image
 
 from segearth_jax.errors import UserError
 
-SEG = "[SEG]"
 FILE_FORMAT = "array_record"
+SPLITS = ("train", "val", "test")   # the splits a release may hold; each builder builds those it finds
 
 
 def core_features(**extra) -> dict:
@@ -42,10 +44,6 @@ def core_features(**extra) -> dict:
   )
   feats.update(extra)
   return feats
-
-
-def count_seg(answer: str) -> int:
-  return answer.count(SEG)
 
 
 # -- bad records ---------------------------------------------------------------------------------
@@ -178,16 +176,7 @@ def check_mask_size(mask: np.ndarray, h: int, w: int, file, record, field_name):
     raise BadRecord(file, record, field_name, f"mask size {list(mask.shape[:2])} != image size {[h, w]}")
 
 
-def seg_answer(phrase: str) -> str:
-  return f"<p>{phrase}</p>{SEG}"
-
-
-def safe_name(text: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
 def load_json(path, record="-", field_name="(file)"):
-  import json
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise BadRecord(path, record, field_name, "file is missing")
@@ -199,8 +188,14 @@ def load_json(path, record="-", field_name="(file)"):
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """Base: manual_dir input, ArrayRecord output, a skip_bad switch, the skipped records kept."""
+  """Base: manual_dir input, ArrayRecord output, a skip_bad switch, the skipped records kept.
 
+  A dataset gives its HOMEPAGE, its own features next to the core ones (`source_features`) and
+  `_splits(root)`: split name -> example generator for the splits found in manual_dir. Its module
+  docstring (the native layout it reads) is the dataset's description.
+  """
+
+  HOMEPAGE = ""
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Unpack the release into a folder and pass it as manual_dir."
 
   def __init__(self, *, skip_bad: bool = False, **kwargs):
@@ -211,6 +206,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   @property
   def skipped(self) -> Skipped:
     return self.policy.skipped
+
+  def source_features(self) -> dict:
+    """Features beyond core_features: the dataset's own source ids."""
+    return {}
+
+  @abc.abstractmethod
+  def _splits(self, root: str) -> dict:
+    """split name -> example generator, for the splits present under `root` (manual_dir)."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=sys.modules[type(self).__module__].__doc__,
+        features=tfds.features.FeaturesDict(core_features(**self.source_features())), homepage=self.HOMEPAGE)
+
+  def _split_generators(self, dl_manager):
+    root = self._manual_dir(dl_manager)
+    splits = self._splits(root)
+    if not splits:
+      raise UserError(f"{self.name}: nothing to build in {root}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return splits
 
   def _manual_dir(self, dl_manager):
     path = dl_manager.manual_dir

@@ -17,9 +17,9 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segearth_jax.data.answer import SEG_TOKEN
 from tfds_laserss import common
 
-SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 NO_TARGET_ANSWER = "No target."
 
@@ -40,22 +40,16 @@ class Earthreason(common.Builder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Native layout; one example per question."}
+  HOMEPAGE = "https://github.com/earth-insights/SegEarth-R1"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Unpack EarthReason so that manual_dir holds {train,val,test}/ each with images/, labels/ and QAs/.")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict(common.core_features(stem=tfds.features.Text())),
-        homepage="https://github.com/earth-insights/SegEarth-R1")
+  def source_features(self):
+    return dict(stem=tfds.features.Text())
 
-  def _split_generators(self, dl_manager):
-    root = self._manual_dir(dl_manager)
-    splits = {s: self._generate_examples(os.path.join(root, s), s)
-              for s in SPLITS if os.path.isdir(os.path.join(root, s, "images"))}
-    if not splits:
-      raise common.UserError(f"earthreason: no {{train,val,test}}/images/ under {root}")
-    return splits
+  def _splits(self, root):
+    return {s: self._generate_examples(os.path.join(root, s), s)
+            for s in common.SPLITS if os.path.isdir(os.path.join(root, s, "images"))}
 
   def _generate_examples(self, base, split):
     images = _stems(os.path.join(base, "images"), IMAGE_EXTS)
@@ -94,6 +88,6 @@ class Earthreason(common.Builder):
         raise common.BadRecord(qa_path, stem, f"questions[{k}]", "expected non-empty text")
       key = f"{stem}_{k}"
       examples.append((key, dict(
-          image=image, masks=[mask], instruction=q.strip(), answer=f"{text} {common.SEG}", id=key,
+          image=image, masks=[mask], instruction=q.strip(), answer=f"{text} {SEG_TOKEN}", id=key,
           image_name=os.path.basename(image_path), no_target=no_target, stem=stem)))
     return examples

@@ -16,11 +16,11 @@ import os
 
 import tensorflow_datasets as tfds
 
+from segearth_jax.data.answer import SEG_TOKEN, seg_count
 from tfds_laserss import common
 
 SUBSETS = ("semantic", "instance", "part", "single", "multiple", "explicit", "implicit", "short", "long",
            "no_target")
-SPLITS = ("train", "val", "test")
 _CORE_KEYS = ("id", "image_name", "description", "answer", "mask")
 
 
@@ -55,27 +55,16 @@ class Laserss(common.Builder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Release layout; test subsets as a feature."}
+  HOMEPAGE = "https://arxiv.org/abs/2512.20013"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Unpack the LaSeRS release so that manual_dir holds train/, val/ and test/, each with annotations/ "
       "and images/ (test/annotations/<subset>.json per subset).")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(common.core_features(
-            subsets=tfds.features.Sequence(tfds.features.Text()),
-            extra=tfds.features.Text(),
-        )),
-        homepage="https://arxiv.org/abs/2512.20013",
-    )
+  def source_features(self):
+    return dict(subsets=tfds.features.Sequence(tfds.features.Text()), extra=tfds.features.Text())
 
-  def _split_generators(self, dl_manager):
-    root = self._manual_dir(dl_manager)
-    splits = {s: self._generate_examples(root, s) for s in SPLITS if _ann_files(root, s)}
-    if not splits:
-      raise common.UserError(f"laserss: no annotation files under {root}/{{train,val,test}}/annotations/")
-    return splits
+  def _splits(self, root):
+    return {s: self._generate_examples(root, s) for s in common.SPLITS if _ann_files(root, s)}
 
   def _collect(self, root: str, split: str):
     """id -> (record, file, subsets); a record in several subset files is merged into one."""
@@ -114,9 +103,10 @@ class Laserss(common.Builder):
       raise common.BadRecord(path, rid, "answer", "expected text")
     if not isinstance(masks_rle, list):
       raise common.BadRecord(path, rid, "mask", "expected a list of COCO RLE")
-    n_seg = common.count_seg(answer)
+    n_seg = seg_count(answer)
     if n_seg != len(masks_rle):
-      raise common.BadRecord(path, rid, "mask", f"{len(masks_rle)} RLE masks but {n_seg} [SEG] in 'answer'")
+      raise common.BadRecord(path, rid, "mask",
+                             f"{len(masks_rle)} RLE masks but {n_seg} {SEG_TOKEN} in 'answer'")
     image_path = os.path.join(root, split, "images", str(rec["image_name"]))
     image, h, w = common.read_image(image_path, rid, "image_name")
     masks = [common.mask_png(common.rle_to_mask(r, h, w, path, rid, f"mask[{k}]"))

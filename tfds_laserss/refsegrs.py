@@ -14,9 +14,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segearth_jax.data.answer import target_text
 from tfds_laserss import common
-
-SPLITS = ("train", "val", "test")
 
 
 def phrase_file(root: str, split: str) -> str:
@@ -36,21 +35,15 @@ class Refsegrs(common.Builder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Native layout; one example per phrase line."}
+  HOMEPAGE = "https://github.com/zhu-xlab/rrsis"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Unpack RefSegRS so that manual_dir holds output_phrase_{train,val,test}.txt, images/ and masks/.")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict(common.core_features(source_id=tfds.features.Text())),
-        homepage="https://github.com/zhu-xlab/rrsis")
+  def source_features(self):
+    return dict(source_id=tfds.features.Text())
 
-  def _split_generators(self, dl_manager):
-    root = self._manual_dir(dl_manager)
-    splits = {s: self._generate_examples(root, s) for s in SPLITS if os.path.isfile(phrase_file(root, s))}
-    if not splits:
-      raise common.UserError(f"refsegrs: no output_phrase_{{train,val,test}}.txt in {root}")
-    return splits
+  def _splits(self, root):
+    return {s: self._generate_examples(root, s) for s in common.SPLITS if os.path.isfile(phrase_file(root, s))}
 
   def _generate_examples(self, root, split):
     path = phrase_file(root, split)
@@ -74,4 +67,4 @@ class Refsegrs(common.Builder):
       key = f"{split}_{n}_{sid}"
       yield key, dict(
           image=image, masks=[common.mask_png((raw == 255).astype(np.uint8))], instruction=phrase,
-          answer=common.seg_answer(phrase), id=key, image_name=f"{sid}.tif", no_target=False, source_id=sid)
+          answer=target_text(phrase), id=key, image_name=f"{sid}.tif", no_target=False, source_id=sid)

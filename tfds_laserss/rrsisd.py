@@ -20,9 +20,9 @@ import pickle
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segearth_jax.data.answer import target_text
 from tfds_laserss import common
 
-SPLITS = ("train", "val", "test")
 REFS = os.path.join("rrsisd", "refs(unc).p")
 INSTANCES = os.path.join("rrsisd", "instances.json")
 IMAGES = os.path.join("images", "rrsisd", "JPEGImages")
@@ -61,29 +61,25 @@ class Rrsisd(common.Builder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Native layout; one example per sentence."}
+  HOMEPAGE = "https://github.com/Lsan2401/RMSIN"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Unpack RRSIS-D so that manual_dir holds rrsisd/refs(unc).p, rrsisd/instances.json and "
       "images/rrsisd/JPEGImages/.")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict(common.core_features(
-            ref_id=np.int64, ann_id=np.int64, sent_id=np.int64, image_id=np.int64,
-            category=tfds.features.Text())),
-        homepage="https://github.com/Lsan2401/RMSIN")
+  def source_features(self):
+    return dict(ref_id=np.int64, ann_id=np.int64, sent_id=np.int64, image_id=np.int64,
+                category=tfds.features.Text())
 
-  def _split_generators(self, dl_manager):
-    root = self._manual_dir(dl_manager)
+  def _splits(self, root):
     refs_path = os.path.join(root, REFS)
     refs = load_refs(refs_path)
-    by_split: dict[str, list] = {s: [] for s in SPLITS}
+    by_split: dict[str, list] = {s: [] for s in common.SPLITS}
     for i, ref in enumerate(refs):
       rid = ref.get("ref_id", f"#{i}") if isinstance(ref, dict) else f"#{i}"
       split = ref.get("split") if isinstance(ref, dict) else None
       if split not in by_split:
         self.policy.handle(common.BadRecord(refs_path, rid, "split", f"unknown split {split!r}; "
-                                            f"expected one of {list(SPLITS)}"), "?")
+                                            f"expected one of {list(common.SPLITS)}"), "?")
         continue
       by_split[split].append(ref)
     coco = self._load_coco(os.path.join(root, INSTANCES))
@@ -101,15 +97,13 @@ class Rrsisd(common.Builder):
     return path, images, anns, cats
 
   def _generate_examples(self, root, refs_path, refs, coco, split):
-    inst_path, images, anns, cats = coco
     for ref in refs:
       rid = ref.get("ref_id", "?")
       try:
-        parts = self._ref_parts(root, refs_path, ref, coco)
+        image, image_name, masks, category = self._ref_parts(root, refs_path, ref, coco)
       except common.BadRecord as e:
         self.policy.handle(e, split)
         continue
-      image, image_name, masks, category, h, w = parts
       sentences = ref.get("sentences") or []
       for k, sent in enumerate(sentences):
         sid = sent.get("sent_id", k) if isinstance(sent, dict) else k
@@ -120,7 +114,7 @@ class Rrsisd(common.Builder):
           continue
         key = f"{rid}_{sid}"
         yield key, dict(
-            image=image, masks=masks, instruction=text, answer=common.seg_answer(category), id=key,
+            image=image, masks=masks, instruction=text, answer=target_text(category), id=key,
             image_name=image_name, no_target=False, ref_id=int(rid), ann_id=int(ref["ann_id"]),
             sent_id=int(sid), image_id=int(ref["image_id"]), category=category)
 
@@ -154,4 +148,4 @@ class Rrsisd(common.Builder):
     else:
       raise common.BadRecord(inst_path, where, "segmentation", "expected polygons or RLE")
     category = cats.get(int(ref.get("category_id", ann.get("category_id", -1))), "target")
-    return image, str(img["file_name"]), [common.mask_png(mask)], category, h, w
+    return image, str(img["file_name"]), [common.mask_png(mask)], category

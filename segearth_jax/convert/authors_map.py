@@ -46,22 +46,31 @@ named *q_proj*/*v_proj* outside the vision towers and mask modules). Two layouts
       `.default` may be absent) -> llm/layers/self_attn/{q_proj,v_proj}/lora/{a,b}. PEFT's scale
       (alpha / r) is not stored in a state dict: ours comes from config.model.lora, which must match
       the training run (theirs: alpha=16, r=8).
-A DeepSpeed `module.` prefix is stripped too. Sources: a folder of safetensors (sharded or not) or of
-`pytorch_model*.bin`, one .safetensors / .bin / .pt file (torch.load(weights_only=True); a top-level
-'state_dict' / 'module' / 'model' dict is unwrapped), or an in-memory dict of torch / numpy tensors.
-Tensors are cast to float32 (their release is float16) unless ``dtype`` says otherwise.
+A DeepSpeed `module.` prefix is stripped too. Sources: whatever tensor_io.open_checkpoint reads (a folder
+of safetensors, sharded or not, or of `pytorch_model*.bin`; one .safetensors / .bin / .pt file, loaded with
+torch.load(weights_only=True); an in-memory dict of torch / numpy tensors). Tensors are cast to float32
+(their release is float16) unless ``dtype`` says otherwise. The layer layout follows `model.scan_layers`.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
-from typing import Callable, Mapping
 
 import numpy as np
 
+from segearth_jax import sharding as shd
+from segearth_jax.config import load_config
 from segearth_jax.convert import name_map as nm
+from segearth_jax.convert.checkpoint import DEFAULT_CONFIG, lora_layout, new_lora_params
+from segearth_jax.convert.mask2former import import_mask2former
+from segearth_jax.convert.phi_map import ROTARY_BUFFERS, lora_rules, phi_rules, resize_token_embeddings
+from segearth_jax.convert.siglip_map import projector_rules, siglip_ignore, siglip_rules
+from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
+from segearth_jax.model_setup import ModelSetup
+from segearth_jax.models.lora import LoraConfig
+from segearth_jax.tensor_io import Checkpoint, flatten, open_checkpoint
+from segearth_jax.weights import check_params, save_weights
 
 VISION_PREFIX = "model.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -77,58 +86,6 @@ _PREDICTOR_UNUSED = re.compile(r"(SEG_query_embed\.weight|new_query_embed\.weigh
 _FPN = re.compile(r"(adapter|layer)_(\d+)\.([01])\.(weight|bias)")
 
 
-# ------------------------------------------------------------------------------------ sources
-def _to_numpy(v) -> np.ndarray:
-  if hasattr(v, "detach"):
-    v = v.detach().cpu()
-    if str(v.dtype) == "torch.bfloat16":
-      v = v.float()
-    return v.numpy()
-  return np.asarray(v)
-
-
-def _torch_file(path: str) -> dict:
-  try:
-    import torch
-  except ImportError as e:
-    raise UserError(f"{path}: reading a .bin/.pt checkpoint needs torch (or convert it to safetensors)") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many kinds (pickle, zip, weights_only refusals)
-    raise UserError(f"{path}: cannot read the torch checkpoint: {e}") from e
-  for k in ("state_dict", "module", "model"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping):
-      obj = obj[k]
-  if not isinstance(obj, Mapping):
-    raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
-  return dict(obj)
-
-
-def _source(src) -> tuple[list[str], Callable[[str], np.ndarray], str]:
-  """(keys, get, where) for a folder / file / in-memory state dict."""
-  if isinstance(src, Mapping):
-    return list(src), lambda k: _to_numpy(src[k]), "state dict"
-  path = os.fspath(src)
-  if not os.path.exists(path):
-    raise UserError(f"{path}: no such checkpoint file or folder")
-  if os.path.isdir(path):
-    if glob.glob(os.path.join(path, "*.safetensors")):
-      reader = nm.SafetensorsReader(path)
-      return reader.keys(), reader.get, path
-    bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-    if not bins:
-      raise UserError(f"{path}: no *.safetensors or pytorch_model*.bin files")
-    sd = {}
-    for b in bins:
-      sd.update(_torch_file(b))
-    return list(sd), lambda k: _to_numpy(sd[k]), path
-  if path.endswith(".safetensors"):
-    reader = nm.SafetensorsReader(path)
-    return reader.keys(), reader.get, path
-  sd = _torch_file(path)
-  return list(sd), lambda k: _to_numpy(sd[k]), path
-
-
 def normalize_key(key: str) -> str:
   """Strips the DeepSpeed / PEFT wrappers: `module.`, `base_model.model.`, `.base_layer.`, `.default.`."""
   if key.startswith("module."):
@@ -142,18 +99,15 @@ def normalize_key(key: str) -> str:
 # ------------------------------------------------------------------------------------ name maps
 def authors_name_map(*, scan_layers: bool = True, lora_targets=()) -> nm.NameMap:
   """The MLLM part (everything but the mask head) of the authors' keys, after ``normalize_key``."""
-  from segearth_jax.convert.phi_map import lora_rules, phi_rules
-  from segearth_jax.convert.siglip_map import projector_rules, siglip_ignore, siglip_rules
-
   # phi_rules includes lm_head.bias; theirs has none (filled with zeros by authors_to_ours)
-  rules = [r for r in phi_rules("model.", "lm_head.", ours="llm/") if r.theirs != "lm_head.bias"]
+  rules = [r for r in phi_rules("model.", "lm_head.", ours="llm/", scan_layers=scan_layers)
+           if r.theirs != "lm_head.bias"]
   rules += siglip_rules(VISION_PREFIX, "vision", scan_layers=scan_layers)
   rules += projector_rules(PROJECTOR_PREFIX, "projector")
-  rules += [nm.Rule("seg_projector/kernel", SEG_PROJECTOR_PREFIX + "weight", nm.LINEAR),
-            nm.Rule("seg_projector/bias", SEG_PROJECTOR_PREFIX + "bias")]
+  rules += nm.rules("", "", nm.linear("seg_projector", SEG_PROJECTOR_PREFIX[:-1]))
   if lora_targets:
-    rules += lora_rules(tuple(lora_targets), prefix="model.", ours="llm/")
-  return nm.NameMap(rules, ignore=(*siglip_ignore(VISION_PREFIX), r".*rotary_emb\.inv_freq"))
+    rules += lora_rules(tuple(lora_targets), prefix="model.", ours="llm/", scan_layers=scan_layers)
+  return nm.NameMap(rules, ignore=(*siglip_ignore(VISION_PREFIX), ROTARY_BUFFERS))
 
 
 def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[dict, dict]:
@@ -190,27 +144,19 @@ def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[
 
 
 def _mask_head(keys, get, where: str, *, scan_layers: bool, drop_fpn_bias: bool, dtype) -> dict:
-  from segearth_jax.convert.mask2former import d2_to_hf, mask2former_name_map
-  from segearth_jax.convert.swin_map import swin_layout
-
-  d2, back = authors_mask_head_to_d2(keys, get, drop_fpn_bias=drop_fpn_bias)
   for part, px in (("Swin", SWIN_PREFIX), ("pixel decoder", PIXEL_DECODER_PREFIX), ("predictor", PREDICTOR_PREFIX)):
     if not any(k.startswith(px) for k in keys):
       raise UserError(f"{where}: no {part} tensors ({px}*): not a SegEarth-R2 checkpoint with its mask modules")
+  back = {}
   try:
-    hf = d2_to_hf(d2)
-    hf_keys = list(hf)
-    lay = swin_layout(hf_keys, "pixel_level_module.encoder.")
-    names = mask2former_name_map(False, input_projections=any(k.startswith("transformer_module.input_projections.")
-                                                              for k in hf_keys),
-                                 legacy=lay["legacy"], body=lay["body"], stage_norms=lay["stage_norms"],
-                                 scan_layers=scan_layers)
-    return names.to_ours(hf_keys, hf.__getitem__, dtype=dtype)
-  except (UserError, ValueError) as e:
+    d2, back = authors_mask_head_to_d2(keys, get, drop_fpn_bias=drop_fpn_bias)
+    return import_mask2former(Checkpoint(list(d2), d2.__getitem__, where, "detectron2"), scan_layers=scan_layers,
+                              dtype=dtype)
+  except UserError as e:
     msg = str(e)
     for d2k, ak in back.items():  # name the authors' key, not our intermediate detectron2 one
       msg = msg.replace(repr(d2k), repr(ak))
-    raise UserError(f"{where}: {msg}") from e
+    raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from e
 
 
 # ------------------------------------------------------------------------------------ import
@@ -218,23 +164,25 @@ def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32, drop_fpn
   """The authors' checkpoint (folder, file, or state dict) -> our nested params (numpy):
   {'vision', 'projector', 'llm' (+ 'lora' children when the source is PEFT-wrapped), 'seg_projector',
   'mask_head': {'swin', 'pixel_decoder', 'mask_decoder'}}. llm/lm_head/bias is zeros (theirs has none)."""
-  keys, get, where = _source(src)
+  ckpt = open_checkpoint(src)
+  where = ckpt.where
   norm = {}
-  for k in keys:
+  for k in ckpt.keys:
     n = normalize_key(k)
     if n in norm:
       raise UserError(f"{where}: keys {norm[n]!r} and {k!r} name the same tensor")
     norm[n] = k
-  nget = lambda n: get(norm[n])  # noqa: E731
+  nget = lambda n: ckpt.get(norm[n])  # noqa: E731
   mask_keys = [n for n in norm if n.startswith((SWIN_PREFIX, PIXEL_DECODER_PREFIX, PREDICTOR_PREFIX))]
   mask_set = set(mask_keys)
   rest = [n for n in norm if n not in mask_set]
   targets = sorted({m.group(1) for n in rest
                     if (m := re.fullmatch(r"model\.layers\.\d+\.self_attn\.(\w+)\.lora_[AB]\.weight", n))})
+  names = authors_name_map(scan_layers=scan_layers, lora_targets=targets)
   try:
-    params = authors_name_map(scan_layers=scan_layers, lora_targets=targets).to_ours(rest, nget, dtype=dtype)
+    params = names.to_ours(rest, nget, dtype=dtype, where=where)
   except nm.ConversionError as e:
-    raise UserError(f"{where}: {e} (the authors' key map is in segearth_jax/convert/authors_map.py)") from e
+    raise nm.ConversionError(f"{e} (the authors' key map is in segearth_jax/convert/authors_map.py)") from e
   params["mask_head"] = _mask_head(mask_keys, nget, where, scan_layers=scan_layers, drop_fpn_bias=drop_fpn_bias,
                                    dtype=dtype)
   llm = params["llm"]
@@ -243,56 +191,43 @@ def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32, drop_fpn
   return params
 
 
-def _lora_rank(llm: Mapping) -> int | None:
-  attn = llm["layers"]["self_attn"]
-  ranks = {int(np.shape(v["lora"]["a"])[-1]) for v in attn.values() if isinstance(v, Mapping) and "lora" in v}
-  return ranks.pop() if len(ranks) == 1 else (None if not ranks else -1)
-
-
 def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, seed: int = 0,
                               drop_fpn_bias: bool = False) -> dict:
-  """The authors' checkpoint -> params shaped as ``build_model(config.model, vocab_size)``'s tree.
+  """The authors' checkpoint -> params shaped as the model of ``config`` (the experiment ConfigDict).
 
-  ``config``: our experiment ConfigDict (or its ``model``); ``vocab_size``: the tokenizer length
-  (default: the checkpoint's embedding rows; rows the config's vocab padding adds are initialised as
-  from-hf does, transformers' mean resizing). LoRA: a PEFT-wrapped source keeps its A/B (its rank and
-  targets must match config.model.lora); a merged one gets fresh LoRA children (B = 0) when the config
-  asks for LoRA. Raises UserError naming the key or the shape that does not fit."""
-  from segearth_jax.convert.checkpoint import _new_lora, check_shapes
-  from segearth_jax.convert.phi_map import resize_token_embeddings
-  from segearth_jax.models.lora import LoraConfig
-  from segearth_jax.models.segearth import build_model
-
-  m = config.model if hasattr(config, "model") else config
+  ``vocab_size``: the tokenizer length (default: the checkpoint's embedding rows; rows the config's vocab
+  padding adds are initialised as from-hf does, transformers' mean resizing). LoRA: a PEFT-wrapped source
+  keeps its A/B (its rank and targets must match config.model.lora); a merged one gets fresh LoRA children
+  (B = 0) when the config asks for LoRA. Raises UserError naming the key or the shape that does not fit."""
+  m = config.model
   params = authors_to_ours(path, scan_layers=bool(m.scan_layers), drop_fpn_bias=drop_fpn_bias)
+  what = f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else '(state dict)'}"
   llm = params["llm"]
-  rank = _lora_rank(llm)
-  want = int(m.lora.rank) if m.get("lora") else 0
-  if rank == -1:
-    raise UserError(f"{path}: LoRA tensors of different ranks")
+  try:
+    rank, have = lora_layout(llm)
+  except UserError as e:
+    raise UserError(f"{what}: {e}") from e
+  want = int(m.lora.rank)
   if rank is not None:
     cfg = LoraConfig.from_dict(m.lora)
-    have = sorted(k for k, v in llm["layers"]["self_attn"].items() if isinstance(v, Mapping) and "lora" in v)
     if rank != want or have != sorted(cfg.targets):
-      raise UserError(f"{path}: LoRA rank {rank} on {have}, but config.model.lora has rank {want} on "
+      raise UserError(f"{what}: LoRA rank {rank} on {have}, but config.model.lora has rank {want} on "
                       f"{sorted(cfg.targets)}; rerun with --config.model.lora.rank={rank} "
                       f"--config.model.lora.targets={tuple(have)}")
   elif want:
-    params["llm"] = _new_lora(llm, LoraConfig.from_dict(m.lora), np.random.default_rng(seed))
+    params["llm"] = new_lora_params(llm, LoraConfig.from_dict(m.lora), np.random.default_rng(seed))
   rows = int(np.shape(llm["embed_tokens"]["embedding"])[0])
-  vocab = rows if vocab_size is None else int(vocab_size)
-  padded = build_model(m, vocab).config.llm.vocab_size
+  setup = ModelSetup.create(config, shd.single_device_mesh(), rows if vocab_size is None else int(vocab_size))
+  padded = setup.model.config.llm.vocab_size
   if rows < padded:  # the config pads the vocab (even sharding) or the tokenizer grew: grow as from-hf does
     params["llm"] = resize_token_embeddings(params["llm"], padded, pad_to_multiple_of=None, seed=seed)
-  check_shapes(params, m, vocab, f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else ''}")
+  check_params(flatten(params), setup.abstract_params, what)
   return params
 
 
 def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
-  """The authors' checkpoint -> a weights folder W (what a `segearth convert from-authors --checkpoint SRC
-  --out W` command would run; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer). Returns the params."""
-  from segearth_jax.convert.checkpoint import save_weights
-
+  """The authors' checkpoint -> a weights folder W (`segearth convert from-authors --checkpoint SRC
+  --out W`; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer). Returns the params."""
   params = import_authors_checkpoint(src, config, vocab_size=len(tokenizer) if tokenizer is not None else None,
                                      seed=seed)
   save_weights(params, config, out_dir, tokenizer, note=dict(authors_checkpoint=os.path.abspath(src), seed=seed))
@@ -301,10 +236,6 @@ def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 
 
 def from_authors_cli(args) -> int:
   """`segearth convert from-authors --checkpoint SRC --tokenizer DIR --out W [--config CFG]`."""
-  from segearth_jax.config import load_config
-  from segearth_jax.convert.checkpoint import DEFAULT_CONFIG
-  from segearth_jax.data.tokenizer import load_tokenizer
-
   config = load_config(args.config or DEFAULT_CONFIG, getattr(args, "overrides", None) or [])
   tokenizer = load_tokenizer(args.tokenizer)
   from_authors(args.checkpoint, args.out, config, tokenizer, seed=int(config.train.seed))

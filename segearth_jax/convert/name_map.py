@@ -4,23 +4,42 @@ A ``Rule`` pairs one of our param paths ('/'-joined, e.g. ``llm/layers/attn/q_pr
 external key (e.g. ``model.layers.{i}.self_attn.q_proj.weight``) and a ``Transform`` whose two hooks
 are exact inverses (transpose, reshape, ...). Placeholders ``{name}`` match integers. A rule with
 ``stack='i'`` maps per-layer external tensors onto one array whose leading axis is ``i`` (the layer
-axis of ``nn.scan``); otherwise every placeholder must appear on both sides.
+axis of ``nn.scan``); otherwise every placeholder must appear on both sides. ``layer_rules`` writes the
+rules of one layer list either way: stacked (``model.scan_layers=True``: ``.../layers/...``) or one
+subtree per layer (``.../layers_{i}/...``), so every part's map follows ``scan_layers`` the same way.
 
-Import streams: tensors are read one at a time through a getter (e.g. a safetensors ``safe_open``), and a
+Import streams: tensors are read one at a time through a getter (tensor_io.open_checkpoint), and a
 stacked array is filled in place, so at most one copy of the model is alive. Export yields one external
-tensor at a time; ``save_safetensors`` writes them into size-capped shards plus the HF index file.
+tensor at a time; ``tensor_io.save_safetensors`` writes them into size-capped shards plus the HF index.
+
+``rename_keys`` is the other declarative table: external key -> external key (detectron2 -> HF names),
+with fused tensors split (``q|k|v`` rows) and index offsets (``norm{k}`` -> ``stage{k+1}``).
+
+Every mismatch is a ConversionError (a UserError: one line, naming the checkpoint, the key and what
+was expected).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import difflib
 import re
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import numpy as np
 
+from segearth_jax.errors import UserError
+from segearth_jax.tensor_io import flatten, to_numpy, unflatten
+
 Array = np.ndarray
+
+
+class ConversionError(UserError):
+  """A checkpoint's keys or shapes do not fit a name map."""
+
+
+def _at(where: str | None, message: str) -> str:
+  return f"{where}: {message}" if where else message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +77,18 @@ def chain(*ts: Transform) -> Transform:
   return Transform(fwd, inv)
 
 
+def template_regex(template: str) -> re.Pattern:
+  """A key template -> its full-match regex: ``{p}`` matches 'weight' or 'bias', any other ``{name}`` an
+  integer (a named group each)."""
+  out, pos = [], 0
+  for m in re.finditer(r"\{(\w+)\}", template):
+    out.append(re.escape(template[pos:m.start()]))
+    out.append("(?P<p>weight|bias)" if m.group(1) == "p" else f"(?P<{m.group(1)}>\\d+)")
+    pos = m.end()
+  out.append(re.escape(template[pos:]))
+  return re.compile("^" + "".join(out) + "$")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   ours: str
@@ -65,26 +96,54 @@ class Rule:
   transform: Transform = IDENTITY
   stack: str | None = None
 
-  def _regex(self, template: str, sep: str) -> re.Pattern:
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)\}", template):
-      out.append(re.escape(template[pos:m.start()]))
-      out.append(f"(?P<{m.group(1)}>\\d+)")
-      pos = m.end()
-    out.append(re.escape(template[pos:]))
-    return re.compile("^" + "".join(out) + "$")
-
   @property
   def theirs_re(self) -> re.Pattern:
-    return self._regex(self.theirs, ".")
+    return template_regex(self.theirs)
 
   @property
   def ours_re(self) -> re.Pattern:
-    return self._regex(self.ours, "/")
+    return template_regex(self.ours)
 
 
-class ConversionError(ValueError):
-  pass
+# ------------------------------------------------------------------ writing rules
+# (our path, their key, transform), both relative to a module: the rows of a part's table
+Param = tuple[str, str, Transform]
+
+
+def linear(ours: str, theirs: str) -> list[Param]:
+  """torch Linear ``theirs.{weight,bias}`` <-> flax Dense ``ours/{kernel,bias}``."""
+  return [(f"{ours}/kernel", f"{theirs}.weight", LINEAR), (f"{ours}/bias", f"{theirs}.bias", IDENTITY)]
+
+
+def norm(ours: str, theirs: str) -> list[Param]:
+  """torch LayerNorm / GroupNorm ``theirs.{weight,bias}`` <-> flax ``ours/{scale,bias}``."""
+  return [(f"{ours}/scale", f"{theirs}.weight", IDENTITY), (f"{ours}/bias", f"{theirs}.bias", IDENTITY)]
+
+
+def rules(ours: str, theirs: str, params: Iterable[Param], *, stack: str | None = None) -> list[Rule]:
+  """``params`` under our path prefix ``ours`` and their key prefix ``theirs``."""
+  return [Rule(ours + o, theirs + t, tf, stack=stack) for o, t, tf in params]
+
+
+def layer_rules(ours_layers: str, theirs_layer: str, params: Iterable[Param], *, index: str = "i",
+                scan_layers: bool = True) -> list[Rule]:
+  """The per-layer ``params`` of a layer list. ``theirs_layer``: the key prefix of layer ``{index}``
+  (e.g. 'model.layers.{i}.'); ``ours_layers``: our path of the list (e.g. 'llm/layers'), stacked on the
+  nn.scan axis (``scan_layers``) or one subtree per layer (``ours_layers + '_{i}'``)."""
+  if scan_layers:
+    return rules(f"{ours_layers}/", theirs_layer, params, stack=index)
+  return rules(f"{ours_layers}_{{{index}}}/", theirs_layer, params)
+
+
+def path_prefix(prefix: str) -> str:
+  """'' or a path prefix ending in '/'."""
+  return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def plain_params(variables: Mapping) -> dict:
+  """Our params from a flax variables dict ({'params': ...}) or a params tree, boxed or not."""
+  params = nn.meta.unbox(variables)
+  return params["params"] if set(params) == {"params"} else params
 
 
 @dataclasses.dataclass
@@ -96,13 +155,17 @@ class NameMap:
   def _ignored(self, key: str) -> bool:
     return any(re.fullmatch(p, key) for p in self.ignore)
 
+  def _closest(self, key: str) -> str:
+    return difflib.get_close_matches(key, [r.theirs for r in self.rules], n=1, cutoff=0.0)[0]
+
   # ---------------------------------------------------------------- import
   def to_ours(self, keys: Iterable[str], get: Callable[[str], Array], *, strict: bool = True,
-              dtype=None) -> dict:
+              dtype=None, where: str | None = None) -> dict:
     """External tensors -> nested dict of our params.
 
-    ``keys``: the external keys present; ``get(key)``: loads one tensor. With ``strict``, an external
-    key no rule claims (and not ignored) is an error, and so is a rule that matches nothing.
+    ``keys``: the external keys present; ``get(key)``: loads one tensor; ``where``: the checkpoint (file
+    or folder) errors name. With ``strict``, an external key no rule claims (and not ignored) is an
+    error, and so is a rule that matches nothing.
     """
     keys = list(keys)
     claimed: set[str] = set()
@@ -119,7 +182,7 @@ class NameMap:
           hits.append((k, {n: int(v) for n, v in m.groupdict().items()}))
       if not hits:
         if strict:
-          raise ConversionError(f"no tensor matches {rule.theirs!r} (for {rule.ours!r})")
+          raise ConversionError(_at(where, f"no tensor matches {rule.theirs!r} (expected for our {rule.ours!r})"))
         continue
       for k, _ in hits:
         claimed.add(k)
@@ -135,7 +198,8 @@ class NameMap:
           items.sort()
           n = items[-1][0] + 1
           if [i for i, _ in items] != list(range(n)):
-            raise ConversionError(f"{rule.theirs!r}: layer indices {[i for i, _ in items]} are not 0..{n-1}")
+            raise ConversionError(_at(where, f"{rule.theirs!r}: layer indices {[i for i, _ in items]} are not "
+                                             f"0..{n - 1}"))
           first = rule.transform.to_ours(get(items[0][1]))
           out = np.empty((n,) + first.shape, dtype if dtype is not None else first.dtype)
           out[0] = first
@@ -151,11 +215,12 @@ class NameMap:
       if len(set(lens.values())) > 1:
         n = max(lens.values())
         short = sorted(p for p, v in lens.items() if v < n)
-        raise ConversionError(f"layers missing: {short[:5]} have fewer than {n} layers")
+        raise ConversionError(_at(where, f"layers missing: {short[:5]} have fewer than {n} layers"))
     if strict:
       left = [k for k in keys if k not in claimed and not self._ignored(k)]
       if left:
-        raise ConversionError(f"{len(left)} tensors have no rule, e.g. {left[:5]}")
+        raise ConversionError(_at(where, f"{len(left)} tensors have no rule, e.g. {left[:3]}; the closest "
+                                         f"expected key to {left[0]!r} is {self._closest(left[0])!r}"))
     return unflatten(flat)
 
   # ---------------------------------------------------------------- export
@@ -182,107 +247,50 @@ class NameMap:
       raise ConversionError(f"{len(left)} of our params have no rule, e.g. {left[:5]}")
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Array]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path))
+# ------------------------------------------------------------------ key renames (detectron2 -> HF)
+# A target: one key template, None (the tensor carries nothing: dropped) or a tuple of n templates (the
+# tensor is n equal row blocks fused along axis 0, e.g. q|k|v). Target placeholders may add an offset
+# ('{k+1}'); sources may not.
+Target = str | tuple[str, ...] | None
+
+
+def _fill(template: str, groups: Mapping[str, str]) -> str:
+  def one(m):
+    v = groups[m.group(1)]
+    return str(int(v) + int(m.group(2))) if m.group(2) else v
+  return re.sub(r"\{(\w+)([+-]\d+)?\}", one, template)
+
+
+def rename_keys(state: Mapping, pairs: Sequence[tuple[str, Target]], *, src_prefix: str, dst_prefix: str,
+                what: str, hint: str = "") -> dict[str, Array]:
+  """Tensors under ``src_prefix`` renamed by the first matching (source template, target) pair (see
+  ``template_regex``); keys outside ``src_prefix`` are skipped. A key under it that no pair matches, or
+  no key under it at all, is a ConversionError naming ``what`` (the checkpoint) and the key."""
+  compiled = [(template_regex(a), b) for a, b in pairs]
+  out: dict[str, Array] = {}
+  found = False
+  for key, value in state.items():
+    if not key.startswith(src_prefix):
+      continue
+    found = True
+    rel = key[len(src_prefix):]
+    for rx, target in compiled:
+      m = rx.match(rel)
+      if m:
+        break
     else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Array]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    parts = path.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return out
-
-
-# -------------------------------------------------------------------- safetensors I/O
-class SafetensorsReader:
-  """All tensors of a HF folder (single file or sharded with an index), read lazily one at a time."""
-
-  def __init__(self, path: str):
-    from safetensors import safe_open
-
-    self._open = safe_open
-    if os.path.isfile(path):
-      files = [path]
+      raise ConversionError(f"{what}: tensor {key!r} has no mapping{hint} (expected keys like "
+                            f"{src_prefix + difflib.get_close_matches(rel, [a for a, _ in pairs], 1, 0.0)[0]!r})")
+    if target is None:
+      continue
+    arr = to_numpy(value)
+    if isinstance(target, tuple):
+      if arr.shape[0] % len(target):
+        raise ConversionError(f"{what}: {key!r} has {arr.shape[0]} rows, not {len(target)} equal blocks")
+      for t, part in zip(target, np.split(arr, len(target), axis=0)):
+        out[dst_prefix + _fill(t, m.groupdict())] = np.ascontiguousarray(part)
     else:
-      index = os.path.join(path, "model.safetensors.index.json")
-      if os.path.isfile(index):
-        with open(index) as f:
-          files = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, f) for f in files]
-      else:
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-      raise ConversionError(f"{path}: no .safetensors files")
-    self._where: dict[str, str] = {}
-    for f in files:
-      with safe_open(f, "np") as h:
-        for k in h.keys():
-          self._where[k] = f
-    self._handles: dict[str, object] = {}
-
-  def keys(self) -> list[str]:
-    return list(self._where)
-
-  def get(self, key: str) -> Array:
-    f = self._where[key]
-    if f not in self._handles:
-      self._handles[f] = self._open(f, "np").__enter__()
-    return self._handles[f].get_tensor(key)
-
-
-def save_safetensors(tensors: Iterable[tuple[str, Array]], out_dir: str, *,
-                     max_shard_bytes: int = 4 << 30, metadata: dict | None = None) -> list[str]:
-  """Writes tensors into ``model.safetensors`` or size-capped shards + ``model.safetensors.index.json``."""
-  from safetensors.numpy import save_file
-
-  os.makedirs(out_dir, exist_ok=True)
-  shards: list[dict[str, Array]] = [{}]
-  size = 0
-  tmp_names = []
-  weight_map = {}
-  total = 0
-
-  def flush(final=False):
-    nonlocal size
-    if not shards[-1]:
-      return
-    name = f"model-{len(tmp_names) + 1:05d}.safetensors"
-    save_file(shards[-1], os.path.join(out_dir, name), metadata=metadata or {"format": "pt"})
-    for k in shards[-1]:
-      weight_map[k] = name
-    tmp_names.append(name)
-    shards[-1] = {}
-    size = 0
-
-  for key, arr in tensors:
-    arr = np.ascontiguousarray(arr)
-    if size and size + arr.nbytes > max_shard_bytes:
-      flush()
-    shards[-1][key] = arr
-    size += arr.nbytes
-    total += arr.nbytes
-  flush()
-  if len(tmp_names) == 1:
-    os.replace(os.path.join(out_dir, tmp_names[0]), os.path.join(out_dir, "model.safetensors"))
-    return ["model.safetensors"]
-  n = len(tmp_names)
-  final = {}
-  for i, name in enumerate(tmp_names):
-    new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    os.replace(os.path.join(out_dir, name), os.path.join(out_dir, new))
-    final[name] = new
-  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total},
-               "weight_map": {k: final[v] for k, v in weight_map.items()}}, f, indent=2)
-  return list(final.values())
+      out[dst_prefix + _fill(target, m.groupdict())] = arr
+  if not found:
+    raise ConversionError(f"{what}: no tensors under {src_prefix!r}")
+  return out

@@ -2,7 +2,9 @@
 
 HF keys (transformers 5): model.embed_tokens.weight, model.layers.{i}.input_layernorm.{weight,bias},
 model.layers.{i}.self_attn.{q_proj,k_proj,v_proj,dense}.{weight,bias}, model.layers.{i}.mlp.{fc1,fc2}.*,
-model.final_layernorm.*, lm_head.{weight,bias}. Per-layer tensors stack onto the nn.scan axis.
+model.final_layernorm.*, lm_head.{weight,bias}. Per-layer tensors stack onto the nn.scan axis
+(``llm/layers/...``) or, with ``scan_layers=False``, go to ``layers_{i}/...``; LoRA children follow the same
+layout. The HF config is ``models.phi.PhiConfig.to_hf_dict``.
 """
 from __future__ import annotations
 
@@ -11,91 +13,87 @@ import os
 from typing import Mapping
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from segearth_jax.convert import name_map as nm
-from segearth_jax.models.lora import LoraConfig, merge_lora as _merge, split_lora
+from segearth_jax.errors import UserError
+from segearth_jax.models import lora as lora_lib
+from segearth_jax.models.lora import LoraConfig, split_lora
 from segearth_jax.models.phi import PhiConfig
+from segearth_jax.tensor_io import SafetensorsReader, open_checkpoint, save_safetensors
 
 _LINEARS = (("self_attn/q_proj", "self_attn.q_proj"), ("self_attn/k_proj", "self_attn.k_proj"),
             ("self_attn/v_proj", "self_attn.v_proj"), ("self_attn/dense", "self_attn.dense"),
             ("mlp/fc1", "mlp.fc1"), ("mlp/fc2", "mlp.fc2"))
+_LAYER = [*nm.norm("input_layernorm", "input_layernorm"), *[p for o, t in _LINEARS for p in nm.linear(o, t)]]
+ROTARY_BUFFERS = r".*rotary_emb\.inv_freq"
 
 
-def phi_rules(prefix: str = "model.", lm_head_prefix: str = "lm_head.", ours: str = "") -> list[nm.Rule]:
+def phi_rules(prefix: str = "model.", lm_head_prefix: str = "lm_head.", ours: str = "", *,
+              scan_layers: bool = True) -> list[nm.Rule]:
   """Rules for one Phi; ``ours`` is our path prefix (e.g. 'llm/' inside the MLLM)."""
-  L = f"{prefix}layers.{{i}}."
-  rules = [nm.Rule(f"{ours}embed_tokens/embedding", f"{prefix}embed_tokens.weight")]
-  rules += [nm.Rule(f"{ours}layers/input_layernorm/scale", L + "input_layernorm.weight", stack="i"),
-            nm.Rule(f"{ours}layers/input_layernorm/bias", L + "input_layernorm.bias", stack="i")]
-  for o, t in _LINEARS:
-    rules += [nm.Rule(f"{ours}layers/{o}/kernel", L + f"{t}.weight", nm.LINEAR, stack="i"),
-              nm.Rule(f"{ours}layers/{o}/bias", L + f"{t}.bias", stack="i")]
-  rules += [nm.Rule(f"{ours}final_layernorm/scale", f"{prefix}final_layernorm.weight"),
-            nm.Rule(f"{ours}final_layernorm/bias", f"{prefix}final_layernorm.bias"),
-            nm.Rule(f"{ours}lm_head/kernel", f"{lm_head_prefix}weight", nm.LINEAR),
-            nm.Rule(f"{ours}lm_head/bias", f"{lm_head_prefix}bias")]
-  return rules
+  return [nm.Rule(f"{ours}embed_tokens/embedding", f"{prefix}embed_tokens.weight"),
+          *nm.layer_rules(f"{ours}layers", f"{prefix}layers.{{i}}.", _LAYER, scan_layers=scan_layers),
+          *nm.rules(ours, prefix, nm.norm("final_layernorm", "final_layernorm")),
+          nm.Rule(f"{ours}lm_head/kernel", f"{lm_head_prefix}weight", nm.LINEAR),
+          nm.Rule(f"{ours}lm_head/bias", f"{lm_head_prefix}bias")]
 
 
-def lora_rules(targets, prefix: str = "base_model.model.model.", ours: str = "") -> list[nm.Rule]:
+def lora_rules(targets, prefix: str = "base_model.model.model.", ours: str = "", *,
+               scan_layers: bool = True) -> list[nm.Rule]:
   """PEFT adapter keys (as saved by save_pretrained: no adapter name) for the adapted projections."""
-  rules = []
+  params = []
   for o, t in _LINEARS:
     if o.split("/")[-1] in targets:
-      rules += [nm.Rule(f"{ours}layers/{o}/lora/a", f"{prefix}layers.{{i}}.{t}.lora_A.weight", nm.LINEAR, stack="i"),
-                nm.Rule(f"{ours}layers/{o}/lora/b", f"{prefix}layers.{{i}}.{t}.lora_B.weight", nm.LINEAR, stack="i")]
-  return rules
+      params += [(f"{o}/lora/a", f"{t}.lora_A.weight", nm.LINEAR), (f"{o}/lora/b", f"{t}.lora_B.weight", nm.LINEAR)]
+  return nm.layer_rules(f"{ours}layers", f"{prefix}layers.{{i}}.", params, scan_layers=scan_layers)
 
 
-def phi_name_map() -> nm.NameMap:
-  return nm.NameMap(phi_rules(), ignore=(r".*rotary_emb\.inv_freq",))
+def phi_name_map(*, scan_layers: bool = True) -> nm.NameMap:
+  return nm.NameMap(phi_rules(scan_layers=scan_layers), ignore=(ROTARY_BUFFERS,))
 
 
-def _state_dict_source(src):
-  """(keys, get) for a folder / safetensors file path or an in-memory (torch or numpy) state dict."""
-  if isinstance(src, (str, os.PathLike)):
-    reader = nm.SafetensorsReader(str(src))
-    return reader.keys(), reader.get
-
-  def get(k):
-    v = src[k]
-    if hasattr(v, "detach"):
-      v = v.detach().cpu().float().numpy() if str(v.dtype) == "torch.bfloat16" else v.detach().cpu().numpy()
-    return np.asarray(v)
-  return list(src.keys()), get
+def read_peft_adapter(adapter_dir: str, *, ours: str = "", scan_layers: bool = True, dtype=None) -> dict:
+  """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) -> our 'lora' children
+  (a partial param tree under ``ours``; graft it with ``attach_lora``)."""
+  reader = SafetensorsReader(os.path.join(adapter_dir, "adapter_model.safetensors"))
+  names = nm.NameMap(lora_rules(lora_config_of(adapter_dir).targets, ours=ours, scan_layers=scan_layers))
+  return names.to_ours(reader.keys(), reader.get, dtype=dtype, where=adapter_dir)
 
 
-def import_phi(src, *, dtype=None, adapter: str | None = None) -> dict:
-  """HF PhiForCausalLM weights (folder, file, or state dict) -> our param tree (numpy).
+def import_phi(src, *, dtype=None, adapter: str | None = None, scan_layers: bool = True) -> dict:
+  """HF PhiForCausalLM weights (any tensor_io.open_checkpoint source) -> our param tree (numpy).
 
   ``adapter``: optional PEFT adapter folder whose lora_A/lora_B become the 'lora' children."""
-  keys, get = _state_dict_source(src)
-  params = phi_name_map().to_ours(keys, get, dtype=dtype)
+  ckpt = open_checkpoint(src)
+  params = phi_name_map(scan_layers=scan_layers).to_ours(ckpt.keys, ckpt.get, dtype=dtype, where=ckpt.where)
   if adapter is not None:
-    with open(os.path.join(adapter, "adapter_config.json")) as f:
-      acfg = json.load(f)
-    reader = nm.SafetensorsReader(os.path.join(adapter, "adapter_model.safetensors"))
-    lora = nm.NameMap(lora_rules(acfg["target_modules"])).to_ours(reader.keys(), reader.get, dtype=dtype)
-    params = _attach(params, lora)
+    params = attach_lora(params, read_peft_adapter(adapter, scan_layers=scan_layers, dtype=dtype))
   return params
 
 
-def _attach(base, lora):
+def attach_lora(base: Mapping, lora: Mapping) -> dict:
+  """``base`` with the 'lora' children of the partial tree ``lora`` grafted in."""
   out = dict(base)
   for k, v in lora.items():
-    out[k] = _attach(base[k], v) if isinstance(v, Mapping) and k != "lora" else v
+    out[k] = attach_lora(base[k], v) if isinstance(v, Mapping) and k != "lora" else v
   return out
 
 
 def lora_config_of(adapter_dir: str) -> LoraConfig:
-  with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-    a = json.load(f)
-  return LoraConfig(rank=a["r"], alpha=float(a["lora_alpha"]), dropout=float(a.get("lora_dropout", 0.0)),
-                    targets=tuple(sorted(a["target_modules"])))
+  """The LoraConfig of a PEFT adapter folder (its adapter_config.json)."""
+  path = os.path.join(adapter_dir, "adapter_config.json")
+  try:
+    with open(path) as f:
+      a = json.load(f)
+    return LoraConfig(rank=a["r"], alpha=float(a["lora_alpha"]), dropout=float(a.get("lora_dropout", 0.0)),
+                      targets=tuple(sorted(a["target_modules"])))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not a readable PEFT adapter config ({e})") from e
 
 
 def export_phi(params: Mapping, out_dir: str, config: PhiConfig, *, lora: LoraConfig | None = None,
-               merge_lora: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+               merge_lora: bool = False, scan_layers: bool = True, max_shard_bytes: int = 4 << 30) -> None:
   """Our params -> ``out_dir`` loadable by PhiForCausalLM.from_pretrained.
 
   With LoRA children present: ``merge_lora=True`` folds them into the kernels; otherwise the base
@@ -105,21 +103,21 @@ def export_phi(params: Mapping, out_dir: str, config: PhiConfig, *, lora: LoraCo
   if lora_params and lora is None:
     raise ValueError("params hold LoRA children: pass lora=LoraConfig(...) to export them")
   if lora_params and merge_lora:
-    base, lora_params = _merge(params, lora), {}
-  nm.save_safetensors(phi_name_map().to_theirs(base), out_dir, max_shard_bytes=max_shard_bytes)
+    base, lora_params = lora_lib.merge_lora(params, lora), {}
+  save_safetensors(phi_name_map(scan_layers=scan_layers).to_theirs(base), out_dir, max_shard_bytes=max_shard_bytes)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config.to_hf_dict(), f, indent=2)
   if lora_params:
-    write_peft_adapter(lora_params, os.path.join(out_dir, "adapter"), lora, base_model=out_dir)
+    write_peft_adapter(lora_params, os.path.join(out_dir, "adapter"), lora, base_model=out_dir,
+                       scan_layers=scan_layers)
 
 
 def write_peft_adapter(lora_params: Mapping, adapter_dir: str, lora: LoraConfig, *, base_model: str = "",
-                       rules=None) -> None:
-  from safetensors.numpy import save_file
-
+                       scan_layers: bool = True) -> None:
+  """Our LLM's 'lora' children -> a PEFT adapter folder (``PeftModel.from_pretrained`` loads it)."""
   os.makedirs(adapter_dir, exist_ok=True)
-  rules = rules if rules is not None else lora_rules(lora.targets)
-  tensors = {k: np.ascontiguousarray(v) for k, v in nm.NameMap(rules).to_theirs(lora_params)}
+  names = nm.NameMap(lora_rules(lora.targets, scan_layers=scan_layers))
+  tensors = {k: np.ascontiguousarray(v) for k, v in names.to_theirs(lora_params)}
   save_file(tensors, os.path.join(adapter_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
   cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
              lora_dropout=lora.dropout, target_modules=list(lora.targets), bias="none",

@@ -1,44 +1,29 @@
-"""Name maps for the SigLIP vision tower and the LLaVA projector (both directions).
+"""Name maps for the SigLIP vision tower and the LLaVA projector (both directions), and the SigLIP HF config.
 
 HF key layout: checkpoints on the Hub (and Mipha's `...vision_tower.vision_model.`) prefix every key
 with `vision_model.`; transformers 5.x `SiglipVisionModel.state_dict()` has no prefix, and its
 `from_pretrained` accepts both. We export with `vision_model.` so older transformers load it too.
 The attention-pooling head (`head.*`) is not used by LLaVA-style models and is dropped on import.
+`siglip_hf_config` is the one SigLIP config writer (the SigLIP export, Mipha's vision_tower, to-torch).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any, Mapping
 
-import numpy as np
+from segearth_jax.convert.name_map import (CONV2D, ConversionError, NameMap, Rule, layer_rules, linear, norm,
+                                           path_prefix, plain_params, rules)
+from segearth_jax.models.siglip import SiglipConfig
+from segearth_jax.tensor_io import flatten, open_checkpoint, save_safetensors
 
-from segearth_jax.convert.name_map import (CONV2D, IDENTITY, LINEAR, NameMap, Rule,
-                                           SafetensorsReader, save_safetensors)
-
-_LAYER = [  # (ours under encoder/layers, theirs under encoder.layers.{i}., transform)
-    ("layer_norm1/scale", "layer_norm1.weight", IDENTITY),
-    ("layer_norm1/bias", "layer_norm1.bias", IDENTITY),
-    ("self_attn/q_proj/kernel", "self_attn.q_proj.weight", LINEAR),
-    ("self_attn/q_proj/bias", "self_attn.q_proj.bias", IDENTITY),
-    ("self_attn/k_proj/kernel", "self_attn.k_proj.weight", LINEAR),
-    ("self_attn/k_proj/bias", "self_attn.k_proj.bias", IDENTITY),
-    ("self_attn/v_proj/kernel", "self_attn.v_proj.weight", LINEAR),
-    ("self_attn/v_proj/bias", "self_attn.v_proj.bias", IDENTITY),
-    ("self_attn/out_proj/kernel", "self_attn.out_proj.weight", LINEAR),
-    ("self_attn/out_proj/bias", "self_attn.out_proj.bias", IDENTITY),
-    ("layer_norm2/scale", "layer_norm2.weight", IDENTITY),
-    ("layer_norm2/bias", "layer_norm2.bias", IDENTITY),
-    ("mlp/fc1/kernel", "mlp.fc1.weight", LINEAR),
-    ("mlp/fc1/bias", "mlp.fc1.bias", IDENTITY),
-    ("mlp/fc2/kernel", "mlp.fc2.weight", LINEAR),
-    ("mlp/fc2/bias", "mlp.fc2.bias", IDENTITY),
-]
-
-
-def _slash(prefix: str) -> str:
-  return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+# one encoder layer: (ours under encoder/layers, theirs under encoder.layers.{i}., transform)
+_LAYER = [*norm("layer_norm1", "layer_norm1"),
+          *[p for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+            for p in linear(f"self_attn/{n}", f"self_attn.{n}")],
+          *norm("layer_norm2", "layer_norm2"), *linear("mlp/fc1", "mlp.fc1"), *linear("mlp/fc2", "mlp.fc2")]
 
 
 def siglip_rules(prefix: str = "vision_model.", ours_prefix: str = "", *,
@@ -47,22 +32,14 @@ def siglip_rules(prefix: str = "vision_model.", ours_prefix: str = "", *,
 
   `scan_layers=False` maps to the unstacked layout (`encoder/layers_{i}/...`).
   """
-  o, t = _slash(ours_prefix), prefix
-  rules = [
+  o, t = path_prefix(ours_prefix), prefix
+  return [
       Rule(f"{o}embeddings/patch_embedding/kernel", f"{t}embeddings.patch_embedding.weight", CONV2D),
       Rule(f"{o}embeddings/patch_embedding/bias", f"{t}embeddings.patch_embedding.bias"),
       Rule(f"{o}embeddings/position_embedding", f"{t}embeddings.position_embedding.weight"),
+      *layer_rules(f"{o}encoder/layers", f"{t}encoder.layers.{{i}}.", _LAYER, scan_layers=scan_layers),
+      *rules(o, t, norm("post_layernorm", "post_layernorm")),
   ]
-  for ours, theirs, tf in _LAYER:
-    if scan_layers:
-      rules.append(Rule(f"{o}encoder/layers/{ours}", f"{t}encoder.layers.{{i}}.{theirs}", tf, stack="i"))
-    else:
-      rules.append(Rule(f"{o}encoder/layers_{{i}}/{ours}", f"{t}encoder.layers.{{i}}.{theirs}", tf))
-  rules += [
-      Rule(f"{o}post_layernorm/scale", f"{t}post_layernorm.weight"),
-      Rule(f"{o}post_layernorm/bias", f"{t}post_layernorm.bias"),
-  ]
-  return rules
 
 
 def siglip_ignore(prefix: str = "vision_model.") -> list[str]:
@@ -73,90 +50,60 @@ def siglip_ignore(prefix: str = "vision_model.") -> list[str]:
 
 def projector_rules(prefix: str = "model.mm_projector.", ours_prefix: str = "") -> list[Rule]:
   """LLaVA `mm_projector` = Sequential(Linear, GELU, Linear): indices 0 and 2 -> fc1, fc2."""
-  o = _slash(ours_prefix)
-  return [
-      Rule(f"{o}fc1/kernel", f"{prefix}0.weight", LINEAR),
-      Rule(f"{o}fc1/bias", f"{prefix}0.bias"),
-      Rule(f"{o}fc2/kernel", f"{prefix}2.weight", LINEAR),
-      Rule(f"{o}fc2/bias", f"{prefix}2.bias"),
-  ]
+  return rules(path_prefix(ours_prefix), prefix, [*linear("fc1", "0"), *linear("fc2", "2")])
 
 
-# ---------------------------------------------------------------------- whole-model helpers
+# ---------------------------------------------------------------------- whole-tower helpers
 _ANCHOR = "embeddings.patch_embedding.weight"
 
 
-def _to_numpy(t) -> np.ndarray:
-  if isinstance(t, np.ndarray):
-    return t
-  try:
-    import torch
-  except ImportError:  # pragma: no cover
-    torch = None
-  if torch is not None and isinstance(t, torch.Tensor):
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits (exact)
-      import ml_dtypes
-      return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-  return np.asarray(t)
-
-
-def _find_prefix(keys) -> str:
+def _find_prefix(keys, where: str) -> str:
   hits = [k[:-len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR)]
   if len(hits) != 1:
-    raise ValueError(f"cannot find a single SigLIP vision tower (keys ending in {_ANCHOR!r}): {hits}")
+    raise ConversionError(f"{where}: cannot find a single SigLIP vision tower (keys ending in {_ANCHOR!r}): {hits}")
   return hits[0]
 
 
-def import_siglip(hf_dir_or_state_dict, *, prefix: str | None = None, scan_layers: bool = True,
-                  dtype=None) -> dict:
+def import_siglip(src, *, prefix: str | None = None, scan_layers: bool = True, dtype=None) -> dict:
   """HF SigLIP vision weights -> our params (`{'embeddings':..., 'encoder':..., 'post_layernorm':...}`).
 
-  Takes a folder/file of safetensors or a state_dict (torch or numpy values). `prefix` is found from
-  the key of the patch embedding when not given, so a SiglipModel / Mipha checkpoint also works (only
-  keys under the prefix are read). Tensors are read one at a time.
+  `src`: any tensor_io.open_checkpoint source (a folder/file of safetensors, a state dict of torch or
+  numpy values, ...). `prefix` is found from the key of the patch embedding when not given, so a
+  SiglipModel / Mipha checkpoint also works (only keys under the prefix are read, one at a time).
   """
-  if isinstance(hf_dir_or_state_dict, (str, os.PathLike)):
-    reader = SafetensorsReader(os.fspath(hf_dir_or_state_dict))
-    keys, get = reader.keys(), reader.get
-  else:
-    sd = hf_dir_or_state_dict
-    keys, get = list(sd.keys()), (lambda k: _to_numpy(sd[k]))
+  ckpt = open_checkpoint(src)
   if prefix is None:
-    prefix = _find_prefix(keys)
-  keys = [k for k in keys if k.startswith(prefix)]
-  nm = NameMap(siglip_rules(prefix, scan_layers=scan_layers), ignore=siglip_ignore(prefix))
-  params = nm.to_ours(keys, get, dtype=dtype)
-  _check_layers(params, scan_layers, prefix)
+    prefix = _find_prefix(ckpt.keys, ckpt.where)
+  keys = [k for k in ckpt.keys if k.startswith(prefix)]
+  names = NameMap(siglip_rules(prefix, scan_layers=scan_layers), ignore=siglip_ignore(prefix))
+  params = names.to_ours(keys, ckpt.get, dtype=dtype, where=ckpt.where)
+  _check_layers(params, scan_layers, f"{ckpt.where}: {prefix}encoder")
   return params
 
 
-def _check_layers(params, scan_layers, prefix):
+def _check_layers(params, scan_layers, what):
   """Every layer must have every tensor (a missing last layer would otherwise shorten one stack)."""
-  from segearth_jax.convert.name_map import ConversionError, flatten
   enc = params["encoder"]
   if scan_layers:
     depth = {p: a.shape[0] for p, a in flatten(enc["layers"]).items()}
     if len(set(depth.values())) != 1:
-      raise ConversionError(f"{prefix}encoder.layers: layer counts differ per tensor: {depth}")
+      raise ConversionError(f"{what}.layers: layer counts differ per tensor: {depth}")
   else:
     want = {p for layer in enc.values() for p in flatten(layer)}
     for name, layer in enc.items():
       miss = want - set(flatten(layer))
       if miss:
-        raise ConversionError(f"{prefix}encoder {name}: missing {sorted(miss)}")
+        raise ConversionError(f"{what} {name}: missing {sorted(miss)}")
 
 
-def _hf_config_dict(hf_config) -> dict:
-  if hasattr(hf_config, "to_dict"):
-    d = hf_config.to_dict()
-  elif isinstance(hf_config, Mapping):
-    d = dict(hf_config)
-  else:  # our SiglipConfig dataclass
-    import dataclasses
-    d = dataclasses.asdict(hf_config)
-  if "vision_config" in d:  # a full SiglipConfig (vision + text): keep the vision part
+def siglip_hf_config(config) -> dict:
+  """A transformers SiglipVisionConfig dict (no pooling head) from our SiglipConfig, or normalised from a
+  transformers SiglipVisionConfig / SiglipConfig or their dict (a full SiglipConfig gives its vision part)."""
+  if isinstance(config, SiglipConfig):
+    d = dataclasses.asdict(config)
+  else:
+    d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  if "vision_config" in d:
     v = d["vision_config"]
     d = dict(v.to_dict() if hasattr(v, "to_dict") else v)
   d.pop("feature_layer", None)  # ours (LLaVA's select layer), not a SiglipVisionConfig field
@@ -166,19 +113,14 @@ def _hf_config_dict(hf_config) -> dict:
   return d
 
 
-def export_siglip(params: Mapping[str, Any], out_dir: str, hf_config, *,
+def export_siglip(params: Mapping[str, Any], out_dir: str, config, *,
                   prefix: str = "vision_model.", scan_layers: bool = True,
                   max_shard_bytes: int = 4 << 30) -> list[str]:
   """Our params -> `out_dir` with safetensors + config.json that `SiglipVisionModel.from_pretrained`
-  loads. `hf_config`: a SiglipVisionConfig, its dict, or our SiglipConfig. Written with
-  `vision_use_head=False` (no head weights exist on our side). Returns the safetensors file names."""
-  import flax.linen as nn
-
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
-  nm = NameMap(siglip_rules(prefix, scan_layers=scan_layers), ignore=siglip_ignore(prefix))
-  files = save_safetensors(nm.to_theirs(params), out_dir, max_shard_bytes=max_shard_bytes)
+  loads. `config`: our SiglipConfig or a transformers config / dict (see `siglip_hf_config`). Written
+  with `vision_use_head=False` (no head weights exist on our side). Returns the safetensors file names."""
+  names = NameMap(siglip_rules(prefix, scan_layers=scan_layers), ignore=siglip_ignore(prefix))
+  files = save_safetensors(names.to_theirs(plain_params(params)), out_dir, max_shard_bytes=max_shard_bytes)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(_hf_config_dict(hf_config), f, indent=2, sort_keys=True)
+    json.dump(siglip_hf_config(config), f, indent=2, sort_keys=True)
   return files

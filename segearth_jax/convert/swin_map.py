@@ -1,4 +1,4 @@
-"""Name maps for the Swin backbone (both directions), from HF or detectron2 checkpoints.
+"""Name maps for the Swin backbone (both directions), from HF or detectron2 checkpoints; the Swin HF config.
 
 HF has two key layouts for the same weights (transformers 5.x):
 - 'saved' (legacy=True): what `save_pretrained` writes and what Hub checkpoints hold, e.g.
@@ -16,50 +16,46 @@ HF initialises `hidden_states_norms` when a SwinBackbone loads a SwinModel check
 Not mapped (`swin_ignore`): `relative_position_index` buffers (recomputed from window_size) and the
 SwinModel's final `layernorm` (the backbone never applies it).
 
-detectron2 (original Mask2Former `.pkl`): `d2_swin_to_hf` renames `backbone.*` to the HF 'saved'
-layout and splits the fused `attn.qkv` ([3C, C], rows q|k|v) into query/key/value, so one name map
-serves both sources. Patch merging concatenates the 2x2 neighbours in the same order (x0=(0,0),
-x1=(1,0), x2=(0,1), x3=(1,1)) in both, so `downsample.reduction` needs no permutation.
+detectron2 (original Mask2Former `.pkl`, read by tensor_io's restricted unpickler): `d2_swin_to_hf`
+renames `backbone.*` to the HF 'saved' layout and splits the fused `attn.qkv` ([3C, C], rows q|k|v) into
+query/key/value, so one name map serves both sources. Patch merging concatenates the 2x2 neighbours in
+the same order (x0=(0,0), x1=(1,0), x2=(0,1), x3=(1,1)) in both, so `downsample.reduction` needs no
+permutation.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import pickle
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from segearth_jax.convert.name_map import CONV2D, IDENTITY, LINEAR, NameMap, Rule, SafetensorsReader
-from segearth_jax.errors import UserError
+from segearth_jax.convert.name_map import (CONV2D, IDENTITY, LINEAR, ConversionError, NameMap, Rule, layer_rules,
+                                           linear, norm, path_prefix, plain_params, rename_keys, rules)
+from segearth_jax.models.swin import SwinConfig
+from segearth_jax.tensor_io import open_checkpoint, save_safetensors
 
 M2F_PREFIX = "model.pixel_level_module.encoder."
 
-# (ours under stage{s}/blocks, theirs-legacy, theirs-module, transform) for blocks.{j}.
-_BLOCK = [
-    ("layernorm_before/scale", "layernorm_before.weight", "layernorm_before.weight", IDENTITY),
-    ("layernorm_before/bias", "layernorm_before.bias", "layernorm_before.bias", IDENTITY),
-    ("attention/query/kernel", "attention.self.query.weight", "attention.q_proj.weight", LINEAR),
-    ("attention/query/bias", "attention.self.query.bias", "attention.q_proj.bias", IDENTITY),
-    ("attention/key/kernel", "attention.self.key.weight", "attention.k_proj.weight", LINEAR),
-    ("attention/key/bias", "attention.self.key.bias", "attention.k_proj.bias", IDENTITY),
-    ("attention/value/kernel", "attention.self.value.weight", "attention.v_proj.weight", LINEAR),
-    ("attention/value/bias", "attention.self.value.bias", "attention.v_proj.bias", IDENTITY),
-    ("attention/relative_position_bias_table", "attention.self.relative_position_bias_table",
-     "attention.relative_position_bias.relative_position_bias_table", IDENTITY),
-    ("attention/proj/kernel", "attention.output.dense.weight", "attention.o_proj.weight", LINEAR),
-    ("attention/proj/bias", "attention.output.dense.bias", "attention.o_proj.bias", IDENTITY),
-    ("layernorm_after/scale", "layernorm_after.weight", "layernorm_after.weight", IDENTITY),
-    ("layernorm_after/bias", "layernorm_after.bias", "layernorm_after.bias", IDENTITY),
-    ("fc1/kernel", "intermediate.dense.weight", "mlp.fc1.weight", LINEAR),
-    ("fc1/bias", "intermediate.dense.bias", "mlp.fc1.bias", IDENTITY),
-    ("fc2/kernel", "output.dense.weight", "mlp.fc2.weight", LINEAR),
-    ("fc2/bias", "output.dense.bias", "mlp.fc2.bias", IDENTITY),
-]
+# One block, blocks.{j}: (ours under stage{s}/blocks, theirs in the saved layout, theirs in the module layout).
+_BLOCK_LINEARS = [("attention/query", "attention.self.query", "attention.q_proj"),
+                  ("attention/key", "attention.self.key", "attention.k_proj"),
+                  ("attention/value", "attention.self.value", "attention.v_proj"),
+                  ("attention/proj", "attention.output.dense", "attention.o_proj"),
+                  ("fc1", "intermediate.dense", "mlp.fc1"),
+                  ("fc2", "output.dense", "mlp.fc2")]
+_BLOCK_TABLE = ("attention/relative_position_bias_table", "attention.self.relative_position_bias_table",
+                "attention.relative_position_bias.relative_position_bias_table")
 
 
-def _slash(prefix: str) -> str:
-  return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+def _block_params(legacy: bool):
+  params = [*norm("layernorm_before", "layernorm_before"), *norm("layernorm_after", "layernorm_after")]
+  for ours, saved, module in _BLOCK_LINEARS:
+    params += linear(ours, saved if legacy else module)
+  ours, saved, module = _BLOCK_TABLE
+  return params + [(ours, saved if legacy else module, IDENTITY)]
 
 
 def swin_rules(prefix: str = M2F_PREFIX, ours_prefix: str = "", *, legacy: bool = True,
@@ -70,32 +66,20 @@ def swin_rules(prefix: str = M2F_PREFIX, ours_prefix: str = "", *, legacy: bool 
   between `prefix` and `embeddings.`/`encoder.` ('' for saved, 'swin.' for a SwinBackbone
   state_dict; default from `legacy`). `scan_layers=False` maps to unstacked `blocks_{j}` params.
   """
-  o, t = _slash(ours_prefix), prefix
+  o, t = path_prefix(ours_prefix), prefix
   b = t + (("" if legacy else "swin.") if body is None else body)
-  rules = [
+  out = [
       Rule(f"{o}patch_embed/kernel", f"{b}embeddings.patch_embeddings.projection.weight", CONV2D),
       Rule(f"{o}patch_embed/bias", f"{b}embeddings.patch_embeddings.projection.bias"),
-      Rule(f"{o}patch_norm/scale", f"{b}embeddings.norm.weight"),
-      Rule(f"{o}patch_norm/bias", f"{b}embeddings.norm.bias"),
-  ]
-  for ours, old, new, tf in _BLOCK:
-    theirs = f"{b}encoder.layers.{{s}}.blocks.{{j}}.{old if legacy else new}"
-    if scan_layers:
-      rules.append(Rule(f"{o}stage{{s}}/blocks/{ours}", theirs, tf, stack="j"))
-    else:
-      rules.append(Rule(f"{o}stage{{s}}/blocks_{{j}}/{ours}", theirs, tf))
-  rules += [
-      Rule(f"{o}merge{{s}}/norm/scale", f"{b}encoder.layers.{{s}}.downsample.norm.weight"),
-      Rule(f"{o}merge{{s}}/norm/bias", f"{b}encoder.layers.{{s}}.downsample.norm.bias"),
-      Rule(f"{o}merge{{s}}/reduction/kernel", f"{b}encoder.layers.{{s}}.downsample.reduction.weight",
-           LINEAR),
+      *rules(o, b, norm("patch_norm", "embeddings.norm")),
+      *layer_rules(f"{o}stage{{s}}/blocks", f"{b}encoder.layers.{{s}}.blocks.{{j}}.", _block_params(legacy),
+                   index="j", scan_layers=scan_layers),
+      *rules(o, f"{b}encoder.layers.{{s}}.", norm("merge{s}/norm", "downsample.norm")),
+      Rule(f"{o}merge{{s}}/reduction/kernel", f"{b}encoder.layers.{{s}}.downsample.reduction.weight", LINEAR),
   ]
   if stage_norms:  # HF names the outputs stage1..stageN; so do we (norm_stage{k})
-    rules += [
-        Rule(f"{o}norm_stage{{k}}/scale", f"{t}hidden_states_norms.stage{{k}}.weight"),
-        Rule(f"{o}norm_stage{{k}}/bias", f"{t}hidden_states_norms.stage{{k}}.bias"),
-    ]
-  return rules
+    out += rules(o, t, norm("norm_stage{k}", "hidden_states_norms.stage{k}"))
+  return out
 
 
 def swin_ignore(prefix: str = M2F_PREFIX) -> list[str]:
@@ -113,15 +97,15 @@ def swin_name_map(prefix: str = M2F_PREFIX, **kw) -> NameMap:
 _ANCHOR = "embeddings.patch_embeddings.projection.weight"
 
 
-def swin_layout(keys, prefix: str | None = None) -> dict:
+def swin_layout(keys, prefix: str | None = None, where: str = "checkpoint") -> dict:
   """Finds `prefix`, `body`, `legacy` and `stage_norms` of the Swin backbone among `keys`."""
   keys = list(keys)
   hits = [k[:-len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR)]
   if prefix is not None:
     hits = [h for h in hits if h.startswith(prefix)]
   if len(hits) != 1:
-    raise UserError(f"cannot find a single Swin backbone (keys ending in {_ANCHOR!r}"
-                    f"{'' if prefix is None else f' under {prefix!r}'}): found {hits}")
+    raise ConversionError(f"{where}: cannot find a single Swin backbone (keys ending in {_ANCHOR!r}"
+                          f"{'' if prefix is None else f' under {prefix!r}'}): found {hits}")
   full = hits[0]
   if prefix is None:
     prefix = full[:-len("swin.")] if full.endswith("swin.") else full
@@ -132,91 +116,37 @@ def swin_layout(keys, prefix: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------- detectron2
-_D2_BLOCK = {
-    "norm1": "layernorm_before", "norm2": "layernorm_after",
-    "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
-    "attn.proj": "attention.output.dense",
-    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-}
-
-
-def _to_numpy(t) -> np.ndarray:
-  if isinstance(t, np.ndarray):
-    return t
-  if type(t).__module__.startswith("torch"):
-    return t.detach().cpu().numpy()
-  return np.asarray(t)
-
-
-def load_d2_pickle(path: str) -> dict:
-  """A detectron2 checkpoint `.pkl` ({'model': {name: array}, ...}) -> its `model` dict."""
-  try:
-    with open(path, "rb") as f:
-      obj = pickle.load(f, encoding="latin1")
-  except (OSError, pickle.UnpicklingError, EOFError) as e:
-    raise UserError(f"{path}: cannot read the detectron2 pickle: {e}") from e
-  if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-    obj = obj["model"]
-  if not isinstance(obj, Mapping):
-    raise UserError(f"{path}: expected a dict of arrays (or {{'model': ...}}), got {type(obj).__name__}")
-  return dict(obj)
+D2_PREFIX = "backbone."
+_D2_BLOCK = "layers.{s}.blocks.{j}."
+_HF_BLOCK = "encoder.layers.{s}.blocks.{j}."
+# detectron2 key (under backbone.) -> HF 'saved' key (under the HF prefix); see name_map.rename_keys
+_D2_TO_HF = [
+    ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("patch_embed.norm.{p}", "embeddings.norm.{p}"),
+    (_D2_BLOCK + "attn.qkv.{p}", tuple(f"{_HF_BLOCK}attention.self.{n}.{{p}}" for n in ("query", "key", "value"))),
+    (_D2_BLOCK + "attn.relative_position_index", None),  # recomputed from window_size
+    (_D2_BLOCK + "attn.relative_position_bias_table", _HF_BLOCK + "attention.self.relative_position_bias_table"),
+    (_D2_BLOCK + "attn.proj.{p}", _HF_BLOCK + "attention.output.dense.{p}"),
+    (_D2_BLOCK + "norm1.{p}", _HF_BLOCK + "layernorm_before.{p}"),
+    (_D2_BLOCK + "norm2.{p}", _HF_BLOCK + "layernorm_after.{p}"),
+    (_D2_BLOCK + "mlp.fc1.{p}", _HF_BLOCK + "intermediate.dense.{p}"),
+    (_D2_BLOCK + "mlp.fc2.{p}", _HF_BLOCK + "output.dense.{p}"),
+    ("layers.{s}.downsample.reduction.weight", "encoder.layers.{s}.downsample.reduction.weight"),
+    ("layers.{s}.downsample.norm.{p}", "encoder.layers.{s}.downsample.norm.{p}"),
+    ("norm{k}.{p}", "hidden_states_norms.stage{k+1}.{p}"),
+]
 
 
 def d2_swin_to_hf(d2_state: Mapping[str, Any], prefix: str = M2F_PREFIX, *,
-                  d2_prefix: str = "backbone.") -> dict[str, np.ndarray]:
+                  d2_prefix: str = D2_PREFIX) -> dict[str, np.ndarray]:
   """detectron2 Swin weights (`backbone.*`; other keys are skipped) -> HF 'saved'-layout numpy
   tensors under `prefix`. Fused `attn.qkv` is split into query/key/value; `relative_position_index`
   buffers are dropped; `backbone.norm{i}` becomes `hidden_states_norms.stage{i+1}`."""
-  if "model" in d2_state and isinstance(d2_state["model"], Mapping):
-    d2_state = d2_state["model"]
-  out: dict[str, np.ndarray] = {}
-  e = f"{prefix}encoder.layers."
-  for key, val in d2_state.items():
-    if not key.startswith(d2_prefix):
-      continue
-    k = key[len(d2_prefix):]
-    arr = _to_numpy(val)
-    if m := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", k):
-      out[f"{prefix}embeddings.patch_embeddings.projection.{m[1]}"] = arr
-    elif m := re.fullmatch(r"patch_embed\.norm\.(weight|bias)", k):
-      out[f"{prefix}embeddings.norm.{m[1]}"] = arr
-    elif m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", k):
-      if arr.shape[0] % 3:
-        raise UserError(f"{key}: fused qkv has {arr.shape[0]} rows, not a multiple of 3")
-      for name, part in zip(("query", "key", "value"), np.split(arr, 3, axis=0)):
-        out[f"{e}{m[1]}.blocks.{m[2]}.attention.self.{name}.{m[3]}"] = np.ascontiguousarray(part)
-    elif re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", k):
-      continue  # recomputed from window_size
-    elif m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)"
-                           r"\.(weight|bias)", k):
-      out[f"{e}{m[1]}.blocks.{m[2]}.{_D2_BLOCK[m[3]]}.{m[4]}"] = arr
-    elif m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", k):
-      out[f"{e}{m[1]}.blocks.{m[2]}.{_D2_BLOCK['attn.relative_position_bias_table']}"] = arr
-    elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", k):
-      out[f"{e}{m[1]}.downsample.{m[2]}"] = arr
-    elif m := re.fullmatch(r"norm(\d+)\.(weight|bias)", k):
-      out[f"{prefix}hidden_states_norms.stage{int(m[1]) + 1}.{m[2]}"] = arr
-    else:
-      raise UserError(f"detectron2 key {key!r} has no Swin mapping (absolute position embeddings are "
-                      f"not supported)")
-  if not out:
-    raise UserError(f"no detectron2 Swin weights found (no keys start with {d2_prefix!r})")
-  return out
+  return rename_keys(d2_state, _D2_TO_HF, src_prefix=d2_prefix, dst_prefix=prefix,
+                     what="detectron2 checkpoint (Swin)", hint=" (absolute position embeddings are not supported)")
 
 
 # ---------------------------------------------------------------------------- whole-backbone helpers
-def _source(src):
-  """(keys, get) of a safetensors file/folder, a detectron2 .pkl, or a state_dict."""
-  if isinstance(src, (str, os.PathLike)):
-    path = os.fspath(src)
-    if path.endswith(".pkl"):
-      sd = d2_swin_to_hf(load_d2_pickle(path))
-      return list(sd), sd.__getitem__
-    reader = SafetensorsReader(path)
-    return reader.keys(), reader.get
-  return list(src.keys()), (lambda k: _to_numpy(src[k]))
-
-
 def _identity_norms(params: dict, dims) -> None:
   for k, c in enumerate(dims, start=1):
     params.setdefault(f"norm_stage{k}", {"scale": np.ones((c,), np.float32),
@@ -224,16 +154,19 @@ def _identity_norms(params: dict, dims) -> None:
 
 
 def import_swin(src, *, prefix: str | None = None, scan_layers: bool = True, dtype=None) -> dict:
-  """HF Swin weights (safetensors file/folder, state_dict with torch or numpy values) or a
-  detectron2 `.pkl` -> our SwinBackbone params. The layout (prefix, saved/module names, stage norms)
-  is found from the keys; only keys under the prefix are read, one tensor at a time."""
-  keys, get = _source(src)
-  lay = swin_layout(keys, prefix)
+  """HF Swin weights or a detectron2 `.pkl` (any tensor_io.open_checkpoint source) -> our SwinBackbone
+  params. The layout (prefix, saved/module names, stage norms) is found from the keys; only keys under
+  the prefix are read, one tensor at a time."""
+  ckpt = open_checkpoint(src)
+  keys, get = ckpt.keys, ckpt.get
+  if ckpt.format == "detectron2":
+    hf = d2_swin_to_hf(ckpt.as_dict())
+    keys, get = list(hf), hf.__getitem__
+  lay = swin_layout(keys, prefix, ckpt.where)
   keys = [k for k in keys if k.startswith(lay["prefix"])]
-  nm = NameMap(swin_rules(lay["prefix"], legacy=lay["legacy"], body=lay["body"],
-                          stage_norms=lay["stage_norms"], scan_layers=scan_layers),
-               ignore=swin_ignore(lay["prefix"]))
-  params = nm.to_ours(keys, get, dtype=dtype)
+  names = swin_name_map(lay["prefix"], legacy=lay["legacy"], body=lay["body"], stage_norms=lay["stage_norms"],
+                        scan_layers=scan_layers)
+  params = names.to_ours(keys, get, dtype=dtype, where=ckpt.where)
   if not lay["stage_norms"]:
     c, n = params["patch_norm"]["scale"].shape[0], 1 + sum(k.startswith("merge") for k in params)
     _identity_norms(params, [c * 2 ** i for i in range(n)])
@@ -244,18 +177,11 @@ def export_swin(params: Mapping[str, Any], prefix: str = M2F_PREFIX, *, legacy: 
                 scan_layers: bool = True) -> dict[str, np.ndarray]:
   """Our SwinBackbone params -> HF-named numpy tensors (default: the 'saved' layout inside a
   Mask2Former checkpoint)."""
-  import flax.linen as nn
-
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
-  return dict(swin_name_map(prefix, legacy=legacy, scan_layers=scan_layers).to_theirs(params))
+  return dict(swin_name_map(prefix, legacy=legacy, scan_layers=scan_layers).to_theirs(plain_params(params)))
 
 
-def hf_swin_config_dict(config) -> dict:
+def swin_hf_config(config: SwinConfig) -> dict:
   """Our SwinConfig -> a transformers SwinConfig dict for a SwinBackbone with stage1..stageN out."""
-  import dataclasses
-
   d = dataclasses.asdict(config)
   n = len(config.depths)
   d.update(depths=list(config.depths), num_heads=list(config.num_heads), model_type="swin",
@@ -265,14 +191,10 @@ def hf_swin_config_dict(config) -> dict:
   return d
 
 
-def save_swin_backbone(params: Mapping[str, Any], out_dir: str, config, *,
+def save_swin_backbone(params: Mapping[str, Any], out_dir: str, config: SwinConfig, *,
                        scan_layers: bool = True) -> list[str]:
   """Our params -> a folder `transformers.SwinBackbone.from_pretrained` loads (saved layout)."""
-  import json
-
-  from segearth_jax.convert.name_map import save_safetensors
-
   files = save_safetensors(export_swin(params, "", scan_layers=scan_layers).items(), out_dir)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_swin_config_dict(config), f, indent=2, sort_keys=True)
+    json.dump(swin_hf_config(config), f, indent=2, sort_keys=True)
   return files

@@ -19,10 +19,16 @@ import copy
 import json
 import os
 
+import ml_collections
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+
+from segearth_jax.data.preprocess import Preprocessor
+from segearth_jax.data.tokenizer import load_tokenizer
+from segearth_jax.tensor_io import SafetensorsReader
 
 _BUFFERS = ("position_ids", "relative_position_index", "inv_freq")
 
@@ -31,8 +37,8 @@ class SegEarthR2Torch(nn.Module):
 
   def __init__(self, config: dict):
     super().__init__()
-    from transformers import Mask2FormerConfig, Mask2FormerModel, PhiConfig, PhiForCausalLM
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import (Mask2FormerConfig, Mask2FormerModel, PhiConfig, PhiForCausalLM, SiglipVisionConfig,
+                              SiglipVisionModel, SwinConfig)
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerTransformerModule
 
     self.config = config
@@ -49,7 +55,6 @@ class SegEarthR2Torch(nn.Module):
     tcfg._attn_implementation = "eager"
     self.llm = PhiForCausalLM(tcfg)
     m2f = dict(config["mask2former_config"])
-    from transformers import SwinConfig
     bb = {k: v for k, v in m2f.pop("backbone_config").items() if k not in ("model_type", "architectures")}
     mcfg = Mask2FormerConfig(backbone_config=SwinConfig(**bb), **m2f)
     self.mask_head = Mask2FormerModel(mcfg)
@@ -64,22 +69,11 @@ class SegEarthR2Torch(nn.Module):
   # ------------------------------------------------------------------------------------ loading
   @classmethod
   def from_pretrained(cls, path: str) -> "SegEarthR2Torch":
-    from safetensors import safe_open
-
     with open(os.path.join(path, "config.json")) as f:
       config = json.load(f)
     model = cls(config)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-      files = ["model.safetensors"]
-    state = {}
-    for name in files:
-      with safe_open(os.path.join(path, name), "pt") as h:
-        for k in h.keys():
-          state[k] = h.get_tensor(k)
+    reader = SafetensorsReader(path, framework="pt")
+    state = {k: reader.get(k) for k in reader.keys()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(_BUFFERS)]
     if missing or unexpected:
@@ -90,7 +84,6 @@ class SegEarthR2Torch(nn.Module):
       model.llm = PeftModel.from_pretrained(model.llm, os.path.join(path, lora["adapter"]))
     tok_dir = os.path.join(path, "tokenizer")
     if os.path.isdir(tok_dir):
-      from segearth_jax.data.tokenizer import load_tokenizer
       model.tokenizer = load_tokenizer(tok_dir)
     return model.eval()
 
@@ -124,9 +117,6 @@ class SegEarthR2Torch(nn.Module):
 
   def preprocessor(self):
     if self._pre is None:
-      import ml_collections
-
-      from segearth_jax.data.preprocess import Preprocessor
       if self.tokenizer is None:
         raise ValueError("no tokenizer: load with from_pretrained(DIR) where DIR/tokenizer exists")
       cfg = ml_collections.ConfigDict(self.config["segearth_config"])
@@ -138,8 +128,6 @@ class SegEarthR2Torch(nn.Module):
   def segment(self, image, instruction: str, max_new_tokens: int | None = None) -> dict:
     """image: HxWx3 uint8 array or PIL image -> dict(answer, tokens, masks (HxW bool each), logits
     [generated, vocab] (the logits each token was picked from), mask_logits [K, M/4, M/4])."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
       image = np.asarray(image.convert("RGB"))
     pre = self.preprocessor()

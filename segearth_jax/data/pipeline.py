@@ -1,22 +1,15 @@
 """The grain input pipeline: tfds.data_source -> shuffle -> per-process shard -> preprocess -> batch.
 
   make_dataset(config, split, *, tokenizer, train, process_index=None, process_count=None, seed=None)
-      -> grain IterDataset; `it = iter(ds)`, `it.get_state()` / `it.set_state(s)` resume exactly.
-  global_batch(host_batch, mesh) -> dict of jax.Array (numeric fields; strings stay numpy on the host).
+      -> grain IterDataset of per-process numpy batches (the contract: data/batch.py); `it = iter(ds)`,
+      `it.get_state()` / `it.set_state(s)` resume exactly.
   bench_cli(args) -> `segearth bench data --config CFG --batches N` (one JSON line).
 
-Batch contract (B = per-process batch = train.batch_size / process_count; static shapes):
-  siglip_image f32[B,S,S,3]  swin_image f32[B,M,M,3]  input_ids/attention_mask/labels i32[B,L]
-  image_start i32[B]  seg_positions i32[B,K]  seg_valid bool[B,K]  masks u8[B,K,M,M]
-  mask_grid f32[B,K,G,G]  letterbox i32[B,4] (orig_h, orig_w, resized_h, resized_w)  sample_valid bool[B]
-  example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined),
-  beyond_cap str[B] (JSON list of COCO RLE canvas masks of the targets past the [SEG] cap).
-L is the smallest of data.text_buckets that fits the batch's longest row.
-
 Train: the epoch is shuffled with the seed (a new order each epoch), repeated forever, and process p takes
-global positions p, p + n_proc, ... ; batches drop nothing because the stream is infinite. Eval: no shuffle,
-one pass; every process yields the same number of batches (ceil(n / n_proc) rounded up to B), the rows past
-the end are padding with sample_valid False (bad records with data.skip_bad become padding too).
+rows p*B .. p*B+B-1 of every global batch of n_proc*B rows (see _GlobalBatchShard); batches drop nothing
+because the stream is infinite. Eval: no shuffle, one pass; every process yields the same number of batches
+(ceil(n / n_proc) rounded up to B), the rows past the end are padding with sample_valid False (bad records
+with data.skip_bad become padding too).
 """
 from __future__ import annotations
 
@@ -27,12 +20,13 @@ import os
 import time
 
 import grain
-import numpy as np
+import jax
+from absl import flags
 
-from segearth_jax.errors import UserError
+from segearth_jax.config import load_config
 from segearth_jax.data import preprocess
-
-_HOST_ONLY = ("example_id", "answer", "subsets", "beyond_cap")
+from segearth_jax.data.tokenizer import load_tokenizer
+from segearth_jax.errors import UserError
 
 
 def open_source(name: str, split: str, data_dir: str):
@@ -96,8 +90,6 @@ class _GlobalBatchShard(grain.MapDataset):
 
 def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, process_count=None,
                  seed=None):
-  import grain
-  import jax
   d = config.data
   pi = jax.process_index() if process_index is None else int(process_index)
   pc = jax.process_count() if process_count is None else int(process_count)
@@ -130,30 +122,12 @@ def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, p
 
 def _absl_flags_defaults():
   """grain's worker processes read absl flags; outside an absl app nobody parsed them: use defaults."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def global_batch(host_batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded over the batch axis; strings stay on the host."""
-  import jax
-
-  from segearth_jax import sharding
-  out = {}
-  for k, v in host_batch.items():
-    v = np.asarray(v)
-    if k in _HOST_ONLY or v.dtype.kind in "USO":
-      out[k] = v
-    else:
-      out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-  return out
-
-
 def bench_cli(args) -> int:
   """examples/s of the full pipeline (decode + preprocess + batch) and the figure per CPU core used."""
-  from segearth_jax.config import load_config
-  from segearth_jax.data.tokenizer import load_tokenizer
   config = load_config(args.config, args.overrides)
   tok = load_tokenizer(config.data.tokenizer)
   ds = make_dataset(config, "train", tokenizer=tok, train=True, process_index=0, process_count=1)

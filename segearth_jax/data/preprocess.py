@@ -6,8 +6,9 @@ bilinear, pasted top-left on value 128, then ImageNet mean/std). Masks: letterbo
 if the mask touches it; the G*P <= S pixels the patch conv sees).
 
 Text: f"{system}{sep}{user_role}: {prompt}{sep}{assistant_role}: {answer}{eos}" with the single '<image>'
-placeholder expanded to N_img image-token ids. The template pieces are tokenized once; per example only the
-instruction and the answer are (so a BPE merge never crosses a piece boundary — the same at train and eval).
+placeholder expanded to N_img = presets.image_tokens(model) image-token ids. The template pieces are
+tokenized once; per example only the instruction and the answer are (so a BPE merge never crosses a piece
+boundary — the same at train and eval).
 Too long: the instruction is cut first, then the answer's end; both counted. Every example is padded to the
 longest bucket; `trim_to_bucket` cuts a batch to the smallest bucket that fits it.
 """
@@ -20,10 +21,14 @@ import re
 import numpy as np
 from PIL import Image
 
+from segearth_jax import presets
 from segearth_jax.data import rle
+from segearth_jax.data.answer import IMAGE_TOKEN, SEG_TOKEN, seg_count
+from segearth_jax.data.batch import IGNORE
+from segearth_jax.data.tokenizer import image_token_id, seg_token_id
 from segearth_jax.errors import UserError
 
-IGNORE = -100
+INSTRUCTION = "{instruction}"   # where a prompt template takes the instruction
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _WARN_EVERY = 1000
@@ -72,30 +77,29 @@ def letterbox_mask(mask: np.ndarray, canvas: int, rh: int, rw: int) -> np.ndarra
   return out
 
 
-def mask_grid(mask: np.ndarray, size: int, patch: int) -> np.ndarray:
-  g = size // patch
-  m = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[:g * patch, :g * patch]
-  return m.reshape(g, patch, g, patch).max(axis=(1, 3)).astype(np.float32)
+def mask_grid(mask: np.ndarray, size: int, grid: int, patch: int) -> np.ndarray:
+  """(h, w) mask -> f32 (grid, grid): a patch is 1 where the size x size mask touches it."""
+  m = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[:grid * patch, :grid * patch]
+  return m.reshape(grid, patch, grid, patch).max(axis=(1, 3)).astype(np.float32)
 
 
 def _template_pieces(template: str) -> list[str]:
   """'a <image> b {instruction} c' -> ['a ', '<image>', ' b ', '{instruction}', ' c']."""
-  pieces = [p for p in re.split(r"(<image>|\{instruction\})", template)]
-  if pieces.count("<image>") != 1 or pieces.count("{instruction}") != 1:
-    raise UserError(f"prompt template needs exactly one '<image>' and one '{{instruction}}': {template!r}")
+  pieces = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(INSTRUCTION)})", template)
+  if pieces.count(IMAGE_TOKEN) != 1 or pieces.count(INSTRUCTION) != 1:
+    raise UserError(f"prompt template needs exactly one {IMAGE_TOKEN!r} and one {INSTRUCTION!r}: {template!r}")
   return pieces
 
 
 class Preprocessor:
-  """Callable: decoded example dict -> dict of numpy arrays (see pipeline.py for the batch contract)."""
+  """Callable: decoded example dict -> dict of numpy arrays (the batch contract: data/batch.py), plus
+  `length` (real tokens) that trim_to_bucket consumes."""
 
   def __init__(self, config, tokenizer, train: bool, source_name: str = "dataset"):
-    from segearth_jax.data.tokenizer import image_token_id, seg_token_id
     m, d = config.model, config.data
     self.train, self.source_name = train, source_name
     self.S, self.P = int(m.vision.image_size), int(m.vision.patch_size)
-    self.G = self.S // self.P
-    self.n_img = self.G * self.G
+    self.G, self.n_img = presets.image_grid(m), presets.image_tokens(m)
     self.M, self.K = int(m.swin.image_size), int(m.max_seg)
     self.buckets = tuple(sorted(int(b) for b in d.text_buckets))
     self.max_len = min(int(d.max_len), self.buckets[-1])
@@ -109,8 +113,8 @@ class Preprocessor:
     pieces = _template_pieces(d.train_prompt if train else d.eval_prompt)
     pieces[0] = f"{d.system}{d.sep}{d.user_role}: " + pieces[0]
     pieces[-1] = pieces[-1] + f"{d.sep}{d.assistant_role}:"
-    self.pieces = [p if p in ("<image>", "{instruction}") else self._encode(p) for p in pieces]
-    self.fixed_len = sum(self.n_img if p == "<image>" else len(p) for p in self.pieces if p != "{instruction}")
+    self.pieces = [p if p in (IMAGE_TOKEN, INSTRUCTION) else self._encode(p) for p in pieces]
+    self.fixed_len = sum(self.n_img if p == IMAGE_TOKEN else len(p) for p in self.pieces if p != INSTRUCTION)
     self.stats = {"examples": 0, "seg_capped": 0, "seg_dropped": 0, "text_cut": 0, "bad_skipped": 0}
 
   def _encode(self, text: str) -> list[int]:
@@ -141,10 +145,10 @@ class Preprocessor:
         ans = ans[:len(ans) - over]
     ids, image_start = [], 0
     for p in self.pieces:
-      if p == "<image>":
+      if p == IMAGE_TOKEN:
         image_start = len(ids)
         ids.extend([self.image_id] * self.n_img)
-      elif p == "{instruction}":
+      elif p == INSTRUCTION:
         ids.extend(instr)
       else:
         ids.extend(p)
@@ -177,9 +181,10 @@ class Preprocessor:
         raise UserError(f"{self.source_name}: record {rid}: field 'masks[{k}]': mask size {list(m.shape)} "
                         f"!= image size {[h, w]}")
     answer = _text(ex["answer"])
-    if answer.count("[SEG]") != len(masks):
+    n_seg = seg_count(answer)
+    if n_seg != len(masks):
       raise UserError(f"{self.source_name}: record {rid}: field 'masks': {len(masks)} masks but "
-                      f"{answer.count('[SEG]')} [SEG] in 'answer'")
+                      f"{n_seg} {SEG_TOKEN} in 'answer'")
     self.stats["examples"] += 1
     ids, labels, image_start, prompt_len = self.tokens(_text(ex["instruction"]),
                                                        answer if self.train else None)
@@ -204,7 +209,7 @@ class Preprocessor:
     grid = np.zeros((K, self.G, self.G), np.float32)
     for k, m in enumerate(masks):
       lb[k] = letterbox_mask(m, self.M, rh, rw)
-      grid[k] = mask_grid(m, self.S, self.P)
+      grid[k] = mask_grid(m, self.S, self.G, self.P)
     input_ids = np.full((L,), self.pad_id, np.int32)
     input_ids[:len(ids)] = ids
     attn = np.zeros((L,), np.int32)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from segearth_jax.data.answer import EOS_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 from segearth_jax.errors import UserError
-from segearth_jax.presets import IMAGE_TOKEN, SEG_TOKEN
 
-EOS_TOKEN = "<|endoftext|>"
-
-__all__ = ["SEG_TOKEN", "IMAGE_TOKEN", "EOS_TOKEN", "load_tokenizer", "seg_token_id", "image_token_id",
-           "train_toy_tokenizer"]
+__all__ = ["load_tokenizer", "seg_token_id", "image_token_id", "train_toy_tokenizer"]
 
 
 def _add_special_tokens(tok):
@@ -34,7 +34,6 @@ def load_tokenizer(path):
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise UserError(f"tokenizer folder {path!r} does not exist")
-  from transformers import AutoTokenizer
   try:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
   except (OSError, ValueError) as e:
@@ -63,8 +62,6 @@ def train_toy_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 1024):
   Special tokens come first (ids 0, 1, 2), then the 256 byte symbols, then merges, so the vocab never
   exceeds `vocab_size`. Same texts, same files.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
 
   specials = [EOS_TOKEN, SEG_TOKEN, IMAGE_TOKEN]
   bpe = Tokenizer(models.BPE())

@@ -13,7 +13,9 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from segearth_jax.errors import UserError
+from segearth_jax.models.layers import config_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +25,18 @@ class LoraConfig:
   dropout: float = 0.05
   targets: tuple[str, ...] = ("q_proj", "v_proj")
 
+  def __post_init__(self):
+    if self.rank < 1:
+      raise UserError(f"model.lora: rank={self.rank} must be >= 1 (the model config's rank 0 means no LoRA)")
+
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
 
   @classmethod
-  def from_dict(cls, cfg: Mapping | Any) -> "LoraConfig":
-    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    return cls(rank=int(get("rank", 8)), alpha=float(get("alpha", 16.0)),
-               dropout=float(get("dropout", 0.05)), targets=tuple(get("targets", ("q_proj", "v_proj"))))
+  def from_dict(cls, cfg: Mapping[str, Any]) -> "LoraConfig":
+    """From a presets ``lora`` ConfigDict (or plain dict; strict). Rank 0 is ModelConfig's business."""
+    return config_from_dict(cls, cfg, "model.lora")
 
 
 def _kaiming_uniform_a(key, shape, dtype=jnp.float32):
@@ -153,7 +158,3 @@ def is_lora_path(path: Sequence[Any]) -> bool:
 def lora_mask(params) -> Any:
   """Boolean tree: True on LoRA params (for optax.masked / multi_transform)."""
   return jax.tree_util.tree_map_with_path(lambda p, _: is_lora_path(p), params)
-
-
-def numpy_tree(tree):
-  return jax.tree_util.tree_map(np.asarray, tree)

@@ -19,14 +19,13 @@ length per layer, and 9 small layers compile quickly. Params are ``layers_{i}/..
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segearth_jax.models.layers import dense, dtype_of, layer_norm
+from segearth_jax.models.layers import config_from_dict, dense, dtype_of, layer_norm, sine_position_embedding
 
 NUM_LEVELS = 3
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by every norm of the HF decoder
@@ -44,10 +43,9 @@ class MaskDecoderConfig:
   enforce_input_projection: bool = False
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "MaskDecoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in dict(d).items() if k in names}
-    return cls(**kw)
+  def from_dict(cls, cfg: Mapping[str, Any]) -> "MaskDecoderConfig":
+    """From a presets ``mask_decoder`` ConfigDict (or plain dict; strict)."""
+    return config_from_dict(cls, cfg, "model.mask_decoder")
 
   @classmethod
   def from_hf(cls, c) -> "MaskDecoderConfig":
@@ -56,25 +54,6 @@ class MaskDecoderConfig:
                num_attention_heads=c.num_attention_heads, dim_feedforward=c.dim_feedforward,
                mask_embed_layers=3, pre_norm=c.pre_norm,
                enforce_input_projection=bool(c.enforce_input_projection))
-
-
-def sine_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0) -> jnp.ndarray:
-  """Normalised 2-D sine embedding [h*w, dim] (HF Mask2FormerSinePositionEmbedding, normalize=True)."""
-  npf = dim // 2
-  scale, eps = 2 * math.pi, 1e-6
-  y = jnp.arange(1, h + 1, dtype=jnp.float32)
-  x = jnp.arange(1, w + 1, dtype=jnp.float32)
-  y = y / (y[-1] + eps) * scale
-  x = x / (x[-1] + eps) * scale
-  dim_t = temperature ** (2 * (jnp.arange(npf) // 2).astype(jnp.float32) / npf)
-
-  def enc(v):  # [n] -> [n, npf]: sin on even channels, cos on odd (interleaved)
-    p = v[:, None] / dim_t
-    return jnp.stack([jnp.sin(p[:, 0::2]), jnp.cos(p[:, 1::2])], axis=-1).reshape(v.shape[0], npf)
-
-  py = jnp.broadcast_to(enc(y)[:, None, :], (h, w, npf))
-  px = jnp.broadcast_to(enc(x)[None, :, :], (h, w, npf))
-  return jnp.concatenate([py, px], axis=-1).reshape(h * w, 2 * npf)
 
 
 def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
@@ -225,7 +204,7 @@ class MaskDecoder(nn.Module):
                         _xavier(), (None, None, "patch", "head_embed")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("head_embed",)))(f)
       memories.append(f.reshape(bsz, h * w, c).astype(dtype) + level_embed[lvl].astype(dtype))
-      positions.append(sine_position_embedding(h, w, c).astype(dtype)[None])
+      positions.append(jnp.asarray(sine_position_embedding(h, w, c // 2), dtype)[None])
       sizes.append((h, w))
 
     valid = query_valid.astype(bool)

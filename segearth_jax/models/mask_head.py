@@ -21,6 +21,8 @@ class MaskHead(nn.Module):
   decoder_cfg: MaskDecoderConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # the Swin's blocks (blocks/ stacked or blocks_{j}, as the converters' scan_layers); the pixel decoder's
+  # encoder is one nn.scan either way (so are its converters)
   scan_layers: bool = True
   remat_policy: str = "none"  # the trained pixel decoder's encoder layers (their sampled values are large)
 

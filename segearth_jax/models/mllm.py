@@ -1,68 +1,60 @@
 """The multimodal LLM (Mipha-style): SigLIP -> projector -> image tokens spliced into the Phi-2 input.
 
-Submodules 'vision', 'projector', 'llm' (the same names the full SegEarth-R2 model and the Mipha
-converter use). ``text_loss`` is the LLaVA next-token loss on answer tokens.
+Submodules 'vision', 'projector', 'llm' (the names the Mipha and authors' converters use). ``MLLM`` is the
+part of SegEarth-R2 (models/segearth.py subclasses it) that turns an image and a prompt into logits,
+hidden states and the [SEG]->image attention; alone it is what stage-1 text pre-training and the Mipha
+import/export run.
+
+Batch keys read (see data/batch.py): siglip_image [B,S,S,3] (normalised, NHWC), input_ids [B,L],
+attention_mask [B,L], image_start [B] (first of the presets.image_tokens(config) image-token rows) and,
+with ``with_seg_attn``, seg_positions [B,K].
 """
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
+from segearth_jax import presets
 from segearth_jax.models.layers import dtype_of
-from segearth_jax.models.lora import LoraConfig
-from segearth_jax.models.phi import Phi, PhiConfig
+from segearth_jax.models.phi import Phi
 from segearth_jax.models.projector import Projector, splice_image_tokens
-from segearth_jax.models.siglip import SiglipConfig, SiglipVisionTower
-
-IGNORE_INDEX = -100
+from segearth_jax.models.siglip import SiglipVisionTower
 
 
-def n_image_tokens(model_cfg) -> int:
-  return (model_cfg.vision.image_size // model_cfg.vision.patch_size) ** 2
-
-
-def make_phi(c) -> Phi:
-  lora = LoraConfig.from_dict(c.lora) if ("lora" in c and c.lora and c.lora.rank) else None
-  return Phi(PhiConfig.from_dict(c.llm), lora=lora, attention_impl=c.get("attention_impl", "plain"),
-             remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True),
-             dtype=dtype_of(c.get("dtype", "float32")), param_dtype=dtype_of(c.get("param_dtype", "float32")))
+def make_llm(cfg) -> Phi:
+  """The Phi-2 (+LoRA) of a ModelConfig; generation builds the same one to run params['llm'] step by step."""
+  return Phi(cfg.llm, lora=cfg.lora, attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
+             scan_layers=cfg.scan_layers, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
 
 
 class MLLM(nn.Module):
-  config: Any  # the `model` ConfigDict (vision, llm, lora, projector_hidden_act, attention_impl, ...)
+  # a models.segearth.ModelConfig (that module imports this one, so the type is not named here)
+  config: Any
 
   def setup(self):
     c = self.config
-    dtype, pdtype = dtype_of(c.get("dtype", "float32")), dtype_of(c.get("param_dtype", "float32"))
-    self.vision = SiglipVisionTower(SiglipConfig.from_dict(c.vision), dtype=dtype, param_dtype=pdtype,
-                                    scan_layers=c.get("scan_layers", True),
-                                    remat_policy=c.get("remat_policy", "none"),
-                                    attention_impl=c.get("attention_impl", "plain"))
-    self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.get("projector_hidden_act", "gelu"),
+    dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+    self.vision = SiglipVisionTower(c.vision, dtype=dtype, param_dtype=pdtype, scan_layers=c.scan_layers,
+                                    remat_policy=c.remat_policy, attention_impl=c.attention_impl)
+    self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.projector_hidden_act,
                                dtype=dtype, param_dtype=pdtype)
-    self.llm = make_phi(c)
+    self.llm = make_llm(c)
 
-  def prompt_embeds(self, pixel_values, input_ids, image_start):
-    """Token embeddings with the projected image features written over the image-token rows."""
-    image = self.projector(self.vision(pixel_values))
+  def prompt_embeds(self, siglip_image, input_ids, image_start):
+    """Token embeddings [B,L,D] with the projected image features written over the image-token rows."""
+    image = self.projector(self.vision(siglip_image))
     tokens = self.llm.embed(input_ids)
     return splice_image_tokens(tokens, image.astype(tokens.dtype), image_start)
 
-  def __call__(self, pixel_values, input_ids, attention_mask, image_start, *, seg_positions=None,
-               deterministic: bool = True):
-    embeds = self.prompt_embeds(pixel_values, input_ids, image_start)
-    return self.llm(embeds, attention_mask, seg_positions=seg_positions, image_start=image_start,
-                    n_image_tokens=n_image_tokens(self.config), deterministic=deterministic)
+  def language(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True) -> dict:
+    """Image + prompt -> the LLM's dict(logits [B,L,V], hidden [B,L,D] (after the final LayerNorm),
+    seg_attn [layers,B,K,N] or None, cache None); no mask head. ``train`` turns on LoRA dropout."""
+    embeds = self.prompt_embeds(batch["siglip_image"], batch["input_ids"], batch["image_start"])
+    return self.llm(embeds, batch["attention_mask"],
+                    seg_positions=batch["seg_positions"] if with_seg_attn else None,
+                    image_start=batch["image_start"], n_image_tokens=presets.image_tokens(self.config),
+                    deterministic=not train)
 
-
-def text_loss(logits, labels):
-  """Shifted cross-entropy: logits[:, t] predicts labels[:, t+1]; mean over labels != -100 (0 if none)."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  target = labels[:, 1:]
-  valid = target != IGNORE_INDEX
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+  def __call__(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True) -> dict:
+    return self.language(batch, train=train, with_seg_attn=with_seg_attn)

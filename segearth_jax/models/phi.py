@@ -5,6 +5,11 @@ Block (parallel): h + attn(LN(h)) + mlp(LN(h)); partial rotary (rotate-half) on 
 int(head_dim * partial_rotary_factor) dims of q and k; final LayerNorm; lm_head with bias.
 Dropout: only LoRA dropout (Phi-2's resid/embd dropout are 0 in the checkpoints we fine-tune from).
 
+Attention masks (attention.AttentionMask): without a cache, attention_mask [B, L] must be right-padded
+(each row's real tokens a prefix, as data/ and generate.py build it): 'fused' reads only its row sums
+(the mask-free causal form, the one cuDNN takes) and 'plain' the dense mask built from it. With a cache
+every kernel takes the dense mask (its query slots are not 0..L-1 and its valid slots need not be a prefix).
+
 KV cache: dict(k, v [layers, B, S, Hkv, Dh], mask [B, S] (slot holds a real token), index [B] (slot
 where the current chunk's first token goes)). A chunk of L tokens is written at slots index..index+L-1
 and may attend to valid slots <= its own; positions default to the slot numbers.
@@ -20,13 +25,8 @@ import jax.numpy as jnp
 
 from segearth_jax.errors import UserError
 from segearth_jax.models import attention as attn_lib
-from segearth_jax.models.layers import dtype_of, layer_norm
+from segearth_jax.models.layers import activation, config_from_dict, dtype_of, layer_norm, remat_policy
 from segearth_jax.models.lora import LoraConfig, LoraDense
-
-_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_key_value_heads", "partial_rotary_factor", "rope_theta", "layer_norm_eps",
-           "max_position_embeddings", "hidden_act", "pad_vocab_to_multiple_of")
-
 
 @dataclasses.dataclass(frozen=True)
 class PhiConfig:
@@ -47,10 +47,10 @@ class PhiConfig:
     if not self.num_key_value_heads:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-      raise UserError(f"llm: hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} / "
+      raise UserError(f"model.llm: hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} / "
                       f"num_key_value_heads {self.num_key_value_heads} must divide evenly")
     if self.rotary_dim % 2:  # transformers' rotate-half cannot handle it either
-      raise UserError(f"llm: rotary dim int(head_dim {self.head_dim} * partial_rotary_factor "
+      raise UserError(f"model.llm: rotary dim int(head_dim {self.head_dim} * partial_rotary_factor "
                       f"{self.partial_rotary_factor}) = {self.rotary_dim} must be even")
 
   @property
@@ -62,9 +62,9 @@ class PhiConfig:
     return int(self.head_dim * self.partial_rotary_factor)
 
   @classmethod
-  def from_dict(cls, cfg: Mapping | Any) -> "PhiConfig":
-    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    return cls(**{k: d[k] for k in _FIELDS if k in d})
+  def from_dict(cls, cfg: Mapping[str, Any]) -> "PhiConfig":
+    """From a presets ``llm`` ConfigDict (or any mapping with the same field names; strict)."""
+    return config_from_dict(cls, cfg, "model.llm")
 
   @classmethod
   def from_hf(cls, hf) -> "PhiConfig":
@@ -90,14 +90,6 @@ class PhiConfig:
                 tie_word_embeddings=False)
 
 
-def activation(name: str):
-  return {"gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-          "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-          "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-          "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-          "relu": jax.nn.relu, "silu": jax.nn.silu}[name]
-
-
 def init_cache(config: PhiConfig, batch: int, size: int, dtype=jnp.float32) -> dict:
   shape = (config.num_hidden_layers, batch, size, config.num_key_value_heads, config.head_dim)
   return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -121,7 +113,7 @@ class PhiAttention(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, mask, positions, seg_positions, image_start, layer_cache, write_index):
+  def __call__(self, x, masks, positions, seg_positions, image_start, layer_cache, write_index):
     c = self.config
     b, l, _ = x.shape
 
@@ -145,15 +137,18 @@ class PhiAttention(nn.Module):
     scale = c.head_dim ** -0.5
     seg = None
     if self.attention_impl == "plain":
-      out, probs = attn_lib.plain_attention(q, k, v, mask, scale)
+      out, probs = attn_lib.plain_attention(q, k, v, masks.dense, scale)
       if seg_positions is not None:
         seg = attn_lib.seg_rows_from_probs(probs, seg_positions, image_start, self.n_image_tokens)
-    elif self.attention_impl == "fused":
-      out = attn_lib.fused_attention(q, k, v, mask, scale)
-      if seg_positions is not None:
-        seg = attn_lib.seg_rows_recomputed(q, k, mask, scale, seg_positions, image_start, self.n_image_tokens)
     else:
-      raise ValueError(f"attention_impl must be 'plain' or 'fused', got {self.attention_impl!r}")
+      if masks.dense is not None:
+        out = attn_lib.fused_attention(q, k, v, scale, attention_impl=self.attention_impl, mask=masks.dense)
+      else:
+        out = attn_lib.fused_attention(q, k, v, scale, attention_impl=self.attention_impl, is_causal=True,
+                                       kv_lengths=masks.kv_lengths)
+      if seg_positions is not None:
+        seg = attn_lib.seg_rows_recomputed(q, k, masks.seg, scale, seg_positions, image_start,
+                                           self.n_image_tokens)
     out = out.reshape(b, l, c.num_attention_heads * c.head_dim)
     out = LoraDense(c.hidden_size, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                     name="dense")(out)
@@ -184,34 +179,25 @@ class PhiBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, layer_cache, mask, positions, seg_positions, image_start, write_index,
+  def __call__(self, h, layer_cache, masks, positions, seg_positions, image_start, write_index,
                n_image_tokens: int = 0, deterministic: bool = True):
     x = layer_norm(self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                    name="input_layernorm")(h)
     a, new_cache, seg = PhiAttention(self.config, self.lora, self.attention_impl, n_image_tokens,
                                      deterministic, self.dtype, self.param_dtype, name="self_attn")(
-        x, mask, positions, seg_positions, image_start, layer_cache, write_index)
+        x, masks, positions, seg_positions, image_start, layer_cache, write_index)
     m = PhiMLP(self.config, self.dtype, self.param_dtype, name="mlp")(x)
     h = (h + a + m).astype(self.dtype)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
     return h, (new_cache, seg)
 
 
-_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _block_class(remat_policy: str, scan: bool):
-  if remat_policy in (None, "none"):
+def _block_class(policy_name: str, scan: bool):
+  policy = remat_policy(policy_name)
+  if policy is None:
     return PhiBlock
-  if remat_policy not in _POLICIES:
-    raise ValueError(f"remat_policy must be 'none' or one of {sorted(_POLICIES)}, got {remat_policy!r}")
   # static: n_image_tokens, deterministic (argnums count self)
-  return nn.remat(PhiBlock, policy=_POLICIES[remat_policy], prevent_cse=not scan, static_argnums=(8, 9))
+  return nn.remat(PhiBlock, policy=policy, prevent_cse=not scan, static_argnums=(8, 9))
 
 
 class Phi(nn.Module):
@@ -225,6 +211,8 @@ class Phi(nn.Module):
 
   def setup(self):
     c = self.config
+    if self.attention_impl not in attn_lib.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {attn_lib.ATTENTION_IMPLS}, got {self.attention_impl!r}")
     self.embed_tokens = nn.Embed(
         c.vocab_size, c.hidden_size, dtype=dtype_of(self.dtype), param_dtype=dtype_of(self.param_dtype),
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -259,31 +247,37 @@ class Phi(nn.Module):
       write_index = cache["index"].astype(jnp.int32)
       slots = write_index[:, None] + jnp.arange(l, dtype=jnp.int32)[None]
       key_valid = _write_rows(cache["mask"], attention_mask.astype(cache["mask"].dtype), write_index)
-      mask = attn_lib.causal_mask(slots, key_valid)
     else:
       write_index = None
       slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
-      mask = attn_lib.causal_mask(slots, attention_mask)
+      key_valid = attention_mask
     if positions is None:
       positions = slots
+    if cache is None and self.attention_impl != "plain":
+      masks = attn_lib.AttentionMask(kv_lengths=attention_mask.astype(jnp.int32).sum(-1))
+    else:
+      masks = attn_lib.AttentionMask(dense=attn_lib.causal_mask(slots, key_valid))
     if seg_positions is not None:
       if image_start is None or n_image_tokens <= 0:
         raise ValueError("seg_positions needs image_start and n_image_tokens > 0")
       seg_positions = seg_positions.astype(jnp.int32)
       image_start = image_start.astype(jnp.int32)
+      if self.attention_impl != "plain":  # 'plain' picks the rows out of its full probabilities
+        seg_slots = jnp.take_along_axis(slots, seg_positions, axis=1)
+        masks = masks._replace(seg=attn_lib.causal_mask(seg_slots, key_valid))
 
     h = inputs_embeds.astype(dtype)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
     layer_cache = None if cache is None else dict(k=cache["k"], v=cache["v"])
     if self.scan_layers:
       h, (new_layer_cache, seg_attn) = self.layers(
-          h, layer_cache, mask, positions, seg_positions, image_start, write_index, n_image_tokens,
+          h, layer_cache, masks, positions, seg_positions, image_start, write_index, n_image_tokens,
           deterministic)
     else:
       caches, segs = [], []
       for i in range(c.num_hidden_layers):
         lc = None if layer_cache is None else jax.tree_util.tree_map(lambda x: x[i], layer_cache)
-        h, (nc, s) = self.layers[i](h, lc, mask, positions, seg_positions, image_start, write_index,
+        h, (nc, s) = self.layers[i](h, lc, masks, positions, seg_positions, image_start, write_index,
                                     n_image_tokens, deterministic)
         caches.append(nc)
         segs.append(s)

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segearth_jax.errors import UserError
 from segearth_jax.models.deformable_attention import MultiscaleDeformableAttention
-from segearth_jax.models.layers import dense, dtype_of, layer_norm
+from segearth_jax.models.layers import (config_from_dict, dense, dtype_of, layer_norm, remat_policy,
+                                        sine_position_embedding)
 
 GROUPS = 32       # GroupNorm(32, C) everywhere, as HF/detectron2: widths must be multiples of 32
 LN_EPS = 1e-5     # torch.nn.LayerNorm / GroupNorm default
@@ -42,13 +44,14 @@ class PixelDecoderConfig:
 
   def __post_init__(self):
     if self.feature_size % GROUPS:
-      raise ValueError(f"pixel decoder feature_size={self.feature_size} must be a multiple of {GROUPS} (GroupNorm)")
+      raise UserError(f"model.pixel_decoder: feature_size={self.feature_size} must be a multiple of {GROUPS} "
+                      "(GroupNorm)")
     if len(self.feature_channels) != len(self.feature_strides):
-      raise ValueError(f"pixel decoder: {len(self.feature_channels)} feature_channels for "
-                       f"{len(self.feature_strides)} feature_strides")
+      raise UserError(f"model.pixel_decoder: {len(self.feature_channels)} feature_channels for "
+                      f"{len(self.feature_strides)} feature_strides")
     if self.num_feature_levels > len(self.feature_channels):
-      raise ValueError(f"pixel decoder: num_feature_levels={self.num_feature_levels} > "
-                       f"{len(self.feature_channels)} backbone features")
+      raise UserError(f"model.pixel_decoder: num_feature_levels={self.num_feature_levels} > "
+                      f"{len(self.feature_channels)} backbone features")
 
   @property
   def num_fpn_levels(self) -> int:
@@ -57,11 +60,10 @@ class PixelDecoderConfig:
     return int(round(math.log2(finest) - math.log2(self.common_stride)))
 
   @classmethod
-  def from_dict(cls, cfg, feature_channels: Sequence[int]) -> "PixelDecoderConfig":
-    """From a presets ``pixel_decoder`` ConfigDict (or plain dict) and the backbone's channels."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"feature_channels"}
-    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(cfg).items() if k in names}
-    return cls(feature_channels=tuple(int(c) for c in feature_channels), **kw)
+  def from_dict(cls, cfg: Mapping[str, Any], feature_channels: Sequence[int]) -> "PixelDecoderConfig":
+    """From a presets ``pixel_decoder`` ConfigDict (or plain dict; strict) and the backbone's channels."""
+    return config_from_dict(cls, cfg, "model.pixel_decoder",
+                            feature_channels=tuple(int(c) for c in feature_channels))
 
   @classmethod
   def from_hf(cls, m2f_config) -> "PixelDecoderConfig":
@@ -84,24 +86,6 @@ class PixelDecoderConfig:
 
 
 # ------------------------------------------------------------------------------------ static helpers
-def sine_position_embedding(height: int, width: int, num_features: int, temperature: float = 10000.0,
-                            scale: float = 2 * math.pi) -> np.ndarray:
-  """[h*w, 2*num_features] constant: (y sin/cos interleaved, then x), normalised coordinates (HF/DETR)."""
-  eps = 1e-6
-  y = np.arange(1, height + 1, dtype=np.float32) / np.float32(height + eps) * np.float32(scale)
-  x = np.arange(1, width + 1, dtype=np.float32) / np.float32(width + eps) * np.float32(scale)
-  dim_t = np.arange(num_features, dtype=np.float32)
-  dim_t = np.float32(temperature) ** (2 * np.floor(dim_t / 2) / num_features)
-
-  def enc(c):                        # [n] -> [n, num_features]: sin on even, cos on odd channels
-    p = c[:, None] / dim_t
-    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], -1).reshape(len(c), -1)
-
-  pos_y = np.broadcast_to(enc(y)[:, None, :], (height, width, num_features))
-  pos_x = np.broadcast_to(enc(x)[None, :, :], (height, width, num_features))
-  return np.concatenate([pos_y, pos_x], -1).reshape(height * width, -1).astype(np.float32)
-
-
 def reference_points(spatial_shapes) -> np.ndarray:
   """[1, S, L, 2] (x, y) pixel centres of every token, the same point on every level (no padding)."""
   pts = []
@@ -227,10 +211,8 @@ class PixelDecoder(nn.Module):
     ref = jnp.asarray(reference_points(shapes))
 
     layer = EncoderLayer
-    if self.remat_policy not in (None, "none"):
-      policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
-      if policy is None:
-        raise ValueError(f"pixel decoder remat_policy={self.remat_policy!r} is not a jax.checkpoint_policies name")
+    policy = remat_policy(self.remat_policy)
+    if policy is not None:
       layer = nn.remat(EncoderLayer, policy=policy, prevent_cse=False)
     encoder = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.encoder_layers,

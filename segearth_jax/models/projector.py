@@ -6,8 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segearth_jax.models.layers import dense, dtype_of
-from segearth_jax.models.siglip import activation
+from segearth_jax.models.layers import activation, dense, dtype_of
 
 
 class Projector(nn.Module):

@@ -3,33 +3,88 @@
 image -> SigLIP -> projector -> spliced into the Phi-2 (+LoRA) input at the image placeholder ->
 [SEG] hidden states (final LayerNorm) -> [SEG] projector -> Mask2Former masked-attention decoder over
 the Swin / pixel-decoder features of the 1024 copy of the image -> mask logits (one mask per [SEG]).
+
+``ModelConfig`` is the typed form of the experiment's ``model`` ConfigDict (presets.model_config), made
+once by ``build_model``; every module reads its part config from it. Params: vision/, projector/, llm/
+(the MLLM), seg_projector/, mask_head/{swin, pixel_decoder, mask_decoder}.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from segearth_jax.models.layers import dense, dtype_of
+from segearth_jax.errors import UserError
+from segearth_jax.models.attention import ATTENTION_IMPLS
+from segearth_jax.models.layers import activation, config_from_dict, dense, dtype_of, remat_policy
+from segearth_jax.models.lora import LoraConfig
 from segearth_jax.models.mask_decoder import MaskDecoderConfig
 from segearth_jax.models.mask_head import MaskHead
-from segearth_jax.models.phi import Phi, PhiConfig
-from segearth_jax.models.lora import LoraConfig
+from segearth_jax.models.mllm import MLLM
+from segearth_jax.models.phi import PhiConfig
 from segearth_jax.models.pixel_decoder import PixelDecoderConfig
-from segearth_jax.models.projector import Projector, splice_image_tokens
-from segearth_jax.models.siglip import SiglipConfig, SiglipVisionTower
+from segearth_jax.models.siglip import SiglipConfig
 from segearth_jax.models.swin import SwinConfig
 
-
-def n_image_tokens(model_cfg) -> int:
-  return (model_cfg.vision.image_size // model_cfg.vision.patch_size) ** 2
+_PARTS = ("vision", "llm", "lora", "swin", "pixel_decoder", "mask_decoder")
 
 
-def swin_channels(model_cfg) -> tuple[int, ...]:
-  return tuple(model_cfg.swin.embed_dim * 2 ** i for i in range(len(model_cfg.swin.depths)))
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Frozen and hashable (a flax module attribute). Defaults are presets.model_config('mipha3b');
+  dtypes stay strings (layers.dtype_of converts where used); ``lora`` None means no LoRA."""
+  vision: SiglipConfig = SiglipConfig()
+  llm: PhiConfig = PhiConfig()
+  lora: LoraConfig | None = LoraConfig()
+  swin: SwinConfig = SwinConfig()
+  pixel_decoder: PixelDecoderConfig = PixelDecoderConfig(feature_channels=SwinConfig().dims)
+  mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
+  projector_hidden_act: str = "gelu"
+  max_seg: int = 8                          # [SEG] slots per sample (static shapes)
+  attention_impl: str = "plain"             # 'plain' (the reference), 'fused' or 'fused_xla'
+  remat_policy: str = "nothing_saveable"    # or 'none', a layers.remat_policy name
+  scan_layers: bool = True                  # SigLIP, Phi and Swin layers as one nn.scan each
+  dtype: str = "float32"                    # compute dtype
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.pixel_decoder.feature_channels != self.swin.dims:
+      raise UserError(f"model.pixel_decoder: feature_channels {self.pixel_decoder.feature_channels} differ "
+                      f"from the Swin's stage widths {self.swin.dims}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise UserError(f"model.attention_impl={self.attention_impl!r}: choose one of {list(ATTENTION_IMPLS)}")
+    if self.max_seg < 1:
+      raise UserError(f"model.max_seg={self.max_seg} must be >= 1")
+    # fail here, with the field's name, rather than deep inside a trace
+    for name in ("dtype", "param_dtype"):
+      try:
+        dtype_of(getattr(self, name))
+      except UserError as e:
+        raise UserError(f"model.{name}: {e}") from None
+    try:
+      remat_policy(self.remat_policy)
+      activation(self.projector_hidden_act)
+    except UserError as e:
+      raise UserError(f"model: {e}") from None
+
+  @classmethod
+  def from_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+    """From the experiment's ``model`` ConfigDict (or a plain dict; strict at every level). A part left
+    out takes its dataclass defaults; ``lora`` None or ``lora.rank`` 0 means no LoRA."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    parts = {name: d.pop(name, {}) for name in _PARTS}
+    lora = parts["lora"]
+    swin = SwinConfig.from_dict(parts["swin"])
+    return config_from_dict(
+        cls, d, "model",
+        vision=SiglipConfig.from_dict(parts["vision"]),
+        llm=PhiConfig.from_dict(parts["llm"]),
+        lora=None if lora is None or dict(lora).get("rank") == 0 else LoraConfig.from_dict(lora),
+        swin=swin,
+        pixel_decoder=PixelDecoderConfig.from_dict(parts["pixel_decoder"], swin.dims),
+        mask_decoder=MaskDecoderConfig.from_dict(parts["mask_decoder"]))
 
 
 def gather_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -37,51 +92,25 @@ def gather_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
 
 
-def make_llm(c) -> Phi:
-  """The Phi-2 (+LoRA) module; generation builds the same one to run params['llm'] step by step."""
-  return Phi(PhiConfig.from_dict(c.llm), lora=LoraConfig.from_dict(c.lora) if c.lora.rank else None,
-             attention_impl=c.attention_impl, remat_policy=c.remat_policy, scan_layers=c.scan_layers,
-             dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
-
-
-class SegEarthR2(nn.Module):
-  config: Any  # the `model` ConfigDict (frozen)
+class SegEarthR2(MLLM):
+  """The MLLM (vision, projector, llm; models/mllm.py) plus the [SEG] projector and the mask head."""
 
   def setup(self):
+    super().setup()
     c = self.config
     dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
-    self.vision = SiglipVisionTower(SiglipConfig.from_dict(c.vision), dtype=dtype, param_dtype=pdtype,
-                                    scan_layers=c.scan_layers, remat_policy=c.remat_policy,
-                                    attention_impl=c.attention_impl)
-    self.projector = Projector(c.vision.hidden_size, c.llm.hidden_size, c.projector_hidden_act,
-                               dtype=dtype, param_dtype=pdtype)
-    self.llm = make_llm(c)
     self.seg_projector = dense(c.mask_decoder.hidden_dim, ("embed", "head_embed"), dtype=dtype,
                                param_dtype=pdtype)
-    self.mask_head = MaskHead(SwinConfig.from_dict(c.swin),
-                              PixelDecoderConfig.from_dict(c.pixel_decoder, swin_channels(c)),
-                              MaskDecoderConfig.from_dict(c.mask_decoder), dtype=dtype, param_dtype=pdtype,
-                              remat_policy=c.remat_policy)
-
-  # --- pieces, so generation can run the LLM step by step -------------------------------------------
-  def prompt_embeds(self, siglip_image, input_ids, image_start):
-    image = self.projector(self.vision(siglip_image))
-    tokens = self.llm.embed(input_ids)
-    return splice_image_tokens(tokens, image.astype(tokens.dtype), image_start)
+    self.mask_head = MaskHead(c.swin, c.pixel_decoder, c.mask_decoder, dtype=dtype, param_dtype=pdtype,
+                              scan_layers=c.scan_layers, remat_policy=c.remat_policy)
 
   def masks_from_hidden(self, swin_image, seg_hidden, seg_valid):
+    """swin_image [B,H,W,3], seg_hidden [B,K,D] (the LLM's [SEG] rows), seg_valid [B,K] -> mask logits
+    [num_layers+1, B, K, H/4, W/4]. Generation calls it on the hidden states it collected."""
     queries = self.seg_projector(seg_hidden)
     return self.mask_head(swin_image, queries, seg_valid)
 
-  def language(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True):
-    """Image + prompt -> the MLLM alone (logits, hidden, [SEG]->image attention); no mask head."""
-    embeds = self.prompt_embeds(batch["siglip_image"], batch["input_ids"], batch["image_start"])
-    return self.llm(embeds, batch["attention_mask"],
-                    seg_positions=batch["seg_positions"] if with_seg_attn else None,
-                    image_start=batch["image_start"], n_image_tokens=n_image_tokens(self.config),
-                    deterministic=not train)
-
-  def __call__(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True):
+  def __call__(self, batch: dict, *, train: bool = False, with_seg_attn: bool = True) -> dict:
     """Teacher-forced forward: logits, [SEG]->image attention (for L_S), mask logits [P,B,K,h,w]."""
     out = self.language(batch, train=train, with_seg_attn=with_seg_attn)
     seg_hidden = gather_rows(out["hidden"], batch["seg_positions"])
@@ -89,9 +118,12 @@ class SegEarthR2(nn.Module):
     return dict(logits=out["logits"], seg_attn=out.get("seg_attn"), mask_logits=mask_logits)
 
 
-def build_model(model_cfg, vocab_size: int | None = None) -> SegEarthR2:
-  cfg = ml_collections.ConfigDict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  if vocab_size is not None:  # grow (never shrink) to fit the tokenizer, padded for even sharding
+def build_model(model_cfg: Mapping | ModelConfig, vocab_size: int | None = None) -> SegEarthR2:
+  """The model of a ``model`` ConfigDict or a ModelConfig. ``vocab_size`` (the tokenizer's) grows the
+  LLM's vocab, never shrinks it, rounded up to llm.pad_vocab_to_multiple_of for even sharding."""
+  cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+  if vocab_size is not None:
     mult = cfg.llm.pad_vocab_to_multiple_of or 1
-    cfg.llm.vocab_size = max(int(cfg.llm.vocab_size), -(-int(vocab_size) // mult) * mult)
-  return SegEarthR2(ml_collections.FrozenConfigDict(cfg))
+    grown = max(cfg.llm.vocab_size, -(-int(vocab_size) // mult) * mult)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=grown))
+  return SegEarthR2(cfg)

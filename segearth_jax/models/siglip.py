@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from segearth_jax.errors import UserError
-from segearth_jax.models.layers import dense, dtype_of, layer_norm
+from segearth_jax.models import attention as attn_lib
+from segearth_jax.models.layers import activation, config_from_dict, dense, dtype_of, layer_norm, remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +50,14 @@ class SiglipConfig:
     """`feature_layer` as a non-negative index into [embeddings, layer 1 .. layer L]."""
     n = self.num_hidden_layers + 1
     if not -n <= self.feature_layer < n:
-      raise UserError(f"vision.feature_layer={self.feature_layer}: must be in [{-n}, {n - 1}] "
+      raise UserError(f"model.vision.feature_layer={self.feature_layer}: must be in [{-n}, {n - 1}] "
                       f"for {self.num_hidden_layers} layers")
     return self.feature_layer % n
 
   @classmethod
   def from_dict(cls, cfg: Mapping[str, Any]) -> "SiglipConfig":
-    """From a presets `vision` ConfigDict (or any mapping with the same field names)."""
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-      raise UserError(f"vision config: unknown field(s) {unknown}; known: {sorted(names)}")
-    return cls(**cfg)
+    """From a presets `vision` ConfigDict (or any mapping with the same field names; strict)."""
+    return config_from_dict(cls, cfg, "model.vision")
 
   @classmethod
   def from_hf(cls, hf_config, feature_layer: int = -2) -> "SiglipConfig":
@@ -77,33 +73,6 @@ class SiglipConfig:
     defaults = cls()
     kw = {n: d.get(n, getattr(defaults, n)) for n in names}
     return cls(**kw, feature_layer=feature_layer)
-
-
-def activation(name: str):
-  if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
-  if name == "quick_gelu":
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  raise UserError(f"hidden_act={name!r} is not supported (gelu, gelu_pytorch_tanh, gelu_new, quick_gelu)")
-
-
-_REMAT_POLICIES = {
-    "nothing_saveable": "nothing_saveable",
-    "everything_saveable": "everything_saveable",
-    "dots_saveable": "dots_saveable",
-    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
-}
-
-
-def remat_policy_of(name: str):
-  """None means no remat at all ('none')."""
-  if name in (None, "none"):
-    return None
-  if name not in _REMAT_POLICIES:
-    raise UserError(f"remat_policy={name!r}: choose one of {['none', *_REMAT_POLICIES]}")
-  return getattr(jax.checkpoint_policies, _REMAT_POLICIES[name])
 
 
 def _act_constraint(x):
@@ -125,10 +94,10 @@ class SiglipAttention(nn.Module):
     q = split(dense(c.hidden_size, ("embed", "heads"), name="q_proj", **kw)(x))
     k = split(dense(c.hidden_size, ("embed", "heads"), name="k_proj", **kw)(x))
     v = split(dense(c.hidden_size, ("embed", "heads"), name="v_proj", **kw)(x))
-    if self.attention_impl not in ("plain", "fused"):
-      raise UserError(f"attention_impl={self.attention_impl!r}: choose 'plain' or 'fused'")
-    if self.attention_impl == "fused":
-      o = jax.nn.dot_product_attention(q, k, v, scale=c.head_dim ** -0.5)
+    if self.attention_impl not in attn_lib.ATTENTION_IMPLS:
+      raise UserError(f"attention_impl={self.attention_impl!r}: choose one of {list(attn_lib.ATTENTION_IMPLS)}")
+    if self.attention_impl != "plain":  # no mask: the form cuDNN takes
+      o = attn_lib.fused_attention(q, k, v, c.head_dim ** -0.5, attention_impl=self.attention_impl)
     else:
       # softmax in float32 (HF eager does the same), then back to the compute dtype
       s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * c.head_dim ** -0.5
@@ -184,7 +153,7 @@ class SiglipEncoder(nn.Module):
   def __call__(self, x, run_layers: int, collect: bool):
     c = self.config
     n_all = c.num_hidden_layers
-    policy = remat_policy_of(self.remat_policy)
+    policy = remat_policy(self.remat_policy)
     block = SiglipEncoderLayer
     if policy is not None:
       block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)

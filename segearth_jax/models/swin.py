@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segearth_jax.errors import UserError
-from segearth_jax.models.layers import dense, dtype_of, layer_norm
+from segearth_jax.models.layers import activation, config_from_dict, dense, dtype_of, layer_norm
 
 _TORCH_LN_EPS = 1e-5  # nn.LayerNorm(dim) default: patch-embed norm, merge norm and stage-output norms
 
@@ -70,13 +70,8 @@ class SwinConfig:
 
   @classmethod
   def from_dict(cls, cfg: Mapping[str, Any]) -> "SwinConfig":
-    """From a presets `swin` ConfigDict (or any mapping with the same field names)."""
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-      raise UserError(f"swin config: unknown field(s) {unknown}; known: {sorted(names)}")
-    return cls(**cfg)
+    """From a presets `swin` ConfigDict (or any mapping with the same field names; strict)."""
+    return config_from_dict(cls, cfg, "model.swin")
 
   @classmethod
   def from_hf(cls, hf_config) -> "SwinConfig":
@@ -102,16 +97,6 @@ class SwinConfig:
           raise UserError(f"swin config: non-square {k}={kw[k]} is not supported")
         kw[k] = kw[k][0]
     return cls(**kw)
-
-
-def activation(name: str):
-  acts = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
-          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-          "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-          "relu": jax.nn.relu, "silu": jax.nn.silu, "swish": jax.nn.silu}
-  if name not in acts:
-    raise UserError(f"swin hidden_act={name!r} is not supported ({sorted(acts)})")
-  return acts[name]
 
 
 # ---------------------------------------------------------------------------- static tables (numpy)

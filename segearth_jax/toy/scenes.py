@@ -92,7 +92,8 @@ class _Canvas:
     self.inst = Image.new("L", (self.size, self.size), 0)
     self.part = Image.new("L", (self.size, self.size), 0)
     self.dinst, self.dpart = ImageDraw.Draw(self.inst), ImageDraw.Draw(self.part)
-    self.blocked = np.zeros((self.size, self.size), bool)
+    self.blocked = np.zeros((self.size, self.size), bool)            # every object so far, grown by its pad
+    self.vehicle_blocked = np.zeros((self.size, self.size), bool)    # the vehicles on roads so far
     self.objects = []                 # (cls, part names)
 
   def paint(self, poly, color):
@@ -112,14 +113,13 @@ class _Canvas:
       d.polygon(p, fill=255)
     return np.asarray(m) > 0
 
-  def fits(self, polys, allowed, margin=3):
+  def fits(self, polys, allowed, margin, blocked) -> bool:
+    """Inside the canvas by `margin`, within `allowed`, clear of `blocked`."""
     lo, hi = margin, self.size - 1 - margin
     if any(not (lo <= x <= hi and lo <= y <= hi) for p in polys for x, y in p):
-      return None
+      return False
     fp = self.footprint(polys)
-    if (fp & self.blocked).any() or (fp & ~allowed).any():
-      return None
-    return fp
+    return not ((fp & blocked).any() or (fp & ~allowed).any())
 
   def begin(self, cls, polys, pad=4):
     """Starts an object: later objects keep `pad` pixels away from its footprint."""
@@ -151,13 +151,14 @@ class _Canvas:
     return Scene(kind, image, objects)
 
 
-def _place(cv, rng, make, allowed, tries=60):
-  """Tries random parameters until the footprint fits; returns the params or None."""
+def _place(cv, rng, cls, make, allowed, *, tries=60, margin=3, blocked=None, pad=4):
+  """Tries random parameters `make(rng)` until their footprint fits (clear of `blocked`, by default every
+  object so far), then starts a `cls` object there; the params, or None when nothing fitted (left out)."""
   for _ in range(tries):
     params = make(rng)
-    fp = cv.fits(params["foot"], allowed)
-    if fp is not None:
-      return params, fp
+    if cv.fits(params["foot"], allowed, margin, cv.blocked if blocked is None else blocked):
+      cv.begin(cls, params["foot"], pad)
+      return params
   return None
 
 
@@ -238,11 +239,9 @@ def _airplane(cv, rng, allowed, s):
     parts = {"wings": [wing, _mirror(wing)], "tail": [tail, _mirror(tail)], "fuselage": [fus], "engines": eng}
     parts = {k: [_xform(p, cx, cy, ang) for p in v] for k, v in parts.items()}
     return dict(parts=parts, foot=[p for v in parts.values() for p in v])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  params = _place(cv, rng, "airplane", make, allowed)
+  if params is None:
     return
-  params, fp = got
-  cv.begin("airplane", params["foot"])
   body = _col((232, 234, 236), rng, 8)
   d = 7 * s
   for polys in params["parts"].values():
@@ -265,11 +264,9 @@ def _ship(cv, rng, allowed, s):
     cargo = [_rect(x * L, 0, 0.1 * L, 0.6 * W) for x in (-0.12, 0.0, 0.12)]
     return dict(hull=_xform(hull, cx, cy, ang), bridge=_xform(bridge, cx, cy, ang),
                 cargo=[_xform(c, cx, cy, ang) for c in cargo], foot=[_xform(hull, cx, cy, ang)])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  params = _place(cv, rng, "ship", make, allowed)
+  if params is None:
     return
-  params, fp = got
-  cv.begin("ship", params["foot"])
   cv.paint(_shift(params["hull"], 4 * s, 4 * s), (20, 40, 60))
   cv.shape(params["hull"], _col((205, 200, 195), rng, 15))
   cv.paint(params["bridge"], (245, 245, 245))
@@ -282,11 +279,9 @@ def _tank(cv, rng, allowed, s):
   def make(r):
     rad, cx, cy = r.uniform(16, 26) * s, r.uniform(0, cv.size), r.uniform(0, cv.size)
     return dict(rad=rad, cx=cx, cy=cy, foot=[_ellipse(cx, cy, rad, rad)])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  p = _place(cv, rng, "storage tank", make, allowed)
+  if p is None:
     return
-  p, fp = got
-  cv.begin("storage tank", p["foot"])
   rad, cx, cy = p["rad"], p["cx"], p["cy"]
   cv.paint(_ellipse(cx + 0.3 * rad, cy + 0.3 * rad, rad, rad), (55, 58, 55))
   cv.shape(p["foot"][0], _col((150, 152, 155), rng, 8))
@@ -300,11 +295,9 @@ def _building(cv, rng, allowed, s):
     ang = r.choice([0.0, np.pi / 2]) + r.uniform(-0.12, 0.12)
     cx, cy = r.uniform(0, cv.size), r.uniform(0, cv.size)
     return dict(w=w, h=h, ang=ang, cx=cx, cy=cy, foot=[_rect(cx, cy, w, h, ang)])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  p = _place(cv, rng, "building", make, allowed)
+  if p is None:
     return
-  p, fp = got
-  cv.begin("building", p["foot"])
   roofs = [(175, 85, 62), (112, 116, 128), (198, 178, 148), (84, 110, 140), (150, 60, 55)]
   roof = _col(roofs[int(rng.integers(len(roofs)))], rng, 10)
   d = 0.22 * min(p["w"], p["h"])
@@ -350,20 +343,11 @@ def _vehicle(cv, rng, allowed, s, road=None):
     else:
       cx, cy, ang = r.uniform(0, cv.size), r.uniform(0, cv.size), r.uniform(0, 2 * np.pi)
     return dict(cx=cx, cy=cy, ang=ang, foot=[_rect(cx, cy, 28 * s, 14 * s, ang)])
-  got = None
-  for _ in range(40):
-    params = make(rng)
-    fp = cv.footprint(params["foot"])
-    inside = all(2 <= x <= cv.size - 3 and 2 <= y <= cv.size - 3 for x, y in params["foot"][0])
-    ok_area = (fp & ~(road[0] if road is not None else allowed)).sum() == 0
-    taken = cv.blocked if road is None else cv.vehicle_blocked
-    if inside and ok_area and not (fp & taken).any():
-      got = params, fp
-      break
-  if got is None:
+  # on a road: inside the road, clear of the other road vehicles (the road itself blocks everything else)
+  p = _place(cv, rng, "vehicle", make, allowed if road is None else road[0], tries=40, margin=2,
+             blocked=None if road is None else cv.vehicle_blocked, pad=3)
+  if p is None:
     return
-  p, fp = got
-  cv.begin("vehicle", p["foot"], pad=3)
   cv.vehicle_blocked |= cv.grown(p["foot"], 3)
   colors = [(200, 40, 40), (240, 200, 40), (40, 90, 200), (240, 240, 240), (30, 30, 30), (40, 160, 90)]
   col = colors[int(rng.integers(len(colors)))]
@@ -386,11 +370,9 @@ def _track_field(cv, rng, allowed, s):
                              (-0.5 * s, b / 2 - t)], cx, cy, ang),
                 circle=_ellipse(cx, cy, 0.12 * b, 0.12 * b),
                 foot=[_xform(_stadium(a, b), cx, cy, ang)])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  p = _place(cv, rng, "ground track field", make, allowed)
+  if p is None:
     return
-  p, fp = got
-  cv.begin("ground track field", p["foot"])
   track = _col((178, 82, 62), rng, 10)
   cv.shape(p["outer"], track, part=1)
   for lane in p["lanes"]:
@@ -410,11 +392,9 @@ def _court(cv, rng, allowed, s, cls):
     ang = r.choice([0.0, np.pi / 2]) + r.uniform(-0.1, 0.1)
     cx, cy = r.uniform(0, cv.size), r.uniform(0, cv.size)
     return dict(cx=cx, cy=cy, ang=ang, w=w * k, h=h * k, foot=[_rect(cx, cy, w * k, h * k, ang)])
-  got = _place(cv, rng, make, allowed)
-  if got is None:
+  p = _place(cv, rng, cls, make, allowed)
+  if p is None:
     return
-  p, fp = got
-  cv.begin(cls, p["foot"])
   cx, cy, ang, W, H = p["cx"], p["cy"], p["ang"], p["w"], p["h"]
   white = (240, 240, 240)
   if cls == "tennis court":
@@ -445,7 +425,6 @@ def draw_scene(kind: str, rng: np.random.Generator, size: int = 256) -> Scene:
   if kind == "airport":
     cv = _Canvas(np.clip(_tarmac(rng, size), 0, 255).astype(np.uint8))
     _yellow_lines(cv, rng, s)
-    cv.vehicle_blocked = np.zeros((size, size), bool)
     for _ in range(int(rng.integers(1, 3))):
       _airplane(cv, rng, everywhere, s)
     if rng.random() < 0.5:
@@ -465,14 +444,12 @@ def draw_scene(kind: str, rng: np.random.Generator, size: int = 256) -> Scene:
       _tank(cv, rng, land, s)
   elif kind == "city":
     cv = _Canvas(np.clip(_urban(rng, size), 0, 255).astype(np.uint8))
-    cv.vehicle_blocked = np.zeros((size, size), bool)
     roads = _roads(cv, rng, s, everywhere, int(rng.integers(1, 3)))
     for _ in range(int(rng.integers(3, 6))):
       _building(cv, rng, everywhere, s)
     _road_vehicles(cv, rng, s, roads, int(rng.integers(2, 5)))
   elif kind == "sports":
     cv = _Canvas(np.clip(_land(rng, size), 0, 255).astype(np.uint8))
-    cv.vehicle_blocked = np.zeros((size, size), bool)
     roads = _roads(cv, rng, s, everywhere, int(rng.random() < 0.5))
     if rng.random() < 0.65:
       _track_field(cv, rng, everywhere, s)
@@ -487,7 +464,6 @@ def draw_scene(kind: str, rng: np.random.Generator, size: int = 256) -> Scene:
     _road_vehicles(cv, rng, s, roads, int(rng.integers(0, 3)))
   elif kind == "industrial":
     cv = _Canvas(np.clip(_land(rng, size) if rng.random() < 0.5 else _urban(rng, size), 0, 255).astype(np.uint8))
-    cv.vehicle_blocked = np.zeros((size, size), bool)
     roads = _roads(cv, rng, s, everywhere, 1)
     for _ in range(int(rng.integers(3, 7))):
       _tank(cv, rng, everywhere, s)

@@ -1,8 +1,8 @@
 """Instructions and answers for toy scenes, along the four LaSeRS dimensions plus `no_target`.
 
 A record kind is (granularity, multiplicity, reasoning, length); `build_record` turns a scene and a kind into
-a description, an answer with one `<p>phrase</p>[SEG]` per target, and the target masks in [SEG] order, or
-None when the scene cannot support that kind.
+a description, an answer with one `<p>phrase</p>[SEG]` (data/answer.py) per target, and the target masks in
+[SEG] order, or None when the scene cannot support that kind.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import itertools
 
 import numpy as np
 
-from segearth_jax.data.scenes import CLASSES, PLURAL
-from segearth_jax.presets import SEG_TOKEN
+from segearth_jax.data.answer import target_text
+from segearth_jax.toy.scenes import CLASSES, PLURAL
 
 GRANULARITY = ("semantic", "instance", "part")
 MULTIPLICITY = ("single", "multiple")
@@ -208,12 +208,12 @@ def build_record(scene, kind, rng):
       break
   if len(chosen) < n:
     return None
-  segs = [f"<p>{t.phrase}</p>{SEG_TOKEN}" for t in chosen]
+  segs = [target_text(t.phrase) for t in chosen]
+  looks = _join(list(dict.fromkeys(t.look for t in chosen)))
   if reason == "explicit":
     if length == "short":
       desc = EXPLICIT_SHORT[int(rng.integers(len(EXPLICIT_SHORT)))].format(P=_join([t.phrase for t in chosen]))
     else:
-      looks = _join(list(dict.fromkeys(t.look for t in chosen)))
       desc = (f"{_scene_sentence(scene)} Please segment {_join([t.phrase for t in chosen])}; "
               f"look for {looks}.")
     answer = _join(segs) + "."
@@ -222,8 +222,7 @@ def build_record(scene, kind, rng):
     if length == "short":
       desc = question
     else:
-      desc = (f"{_scene_sentence(scene)} {question} Think about what {_join(list(dict.fromkeys(t.look for t in chosen)))} "
-              f"are used for, then explain and segment.")
+      desc = f"{_scene_sentence(scene)} {question} Think about what {looks} are used for, then explain and segment."
     answer = " ".join(t.explain.format(P=s) for t, s in zip(chosen, segs))
   classes = list(dict.fromkeys(t.cls for t in chosen))
   return dict(description=desc, answer=answer, masks=[t.mask for t in chosen], granularity=gran,

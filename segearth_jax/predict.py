@@ -1,21 +1,37 @@
-"""`segearth predict`: an image and an instruction in; answer text, one mask per [SEG] at the original
-image size (PNG + COCO RLE JSON) and an overlay picture out. Batch mode over a folder or a JSONL file.
+"""The predict core: generation + mask decoding as one jitted function, and `segearth predict` on it.
 
-The image goes through the same preprocessing as evaluation (SigLIP resize, Swin letterbox); masks come
-back on the letterboxed canvas and are cropped and resized to the original image.
+``make_predict_fn(setup, eos_id=, seg_id=, max_new_tokens=, temperature=)`` -> jitted
+``(params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks bool [B,K,M,M]`` (the masks on
+the letterboxed M x M canvas). Evaluation and the command line both run it.
+
+`segearth predict`: an image and an instruction in; answer text, one mask per [SEG] at the original image
+size (PNG + COCO RLE JSON) and an overlay picture out. Batch mode over a folder or a JSONL file. The image
+goes through the same preprocessing as evaluation (SigLIP resize, Swin letterbox); masks come back on the
+letterboxed canvas and are cropped and resized to the original image.
 """
 from __future__ import annotations
 
 import colorsys
 import json
 import os
-import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from segearth_jax import sharding as shd
+from segearth_jax.config import load_config
+from segearth_jax.data import rle
+from segearth_jax.data.answer import phrases_of
+from segearth_jax.data.batch import device_part
+from segearth_jax.data.preprocess import Preprocessor, trim_to_bucket
+from segearth_jax.data.tokenizer import load_tokenizer, seg_token_id
 from segearth_jax.errors import UserError
+from segearth_jax.generate import generate
+from segearth_jax.model_setup import ModelSetup
+from segearth_jax.models.mllm import make_llm
+from segearth_jax.weights import load_run_config, restore_params
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -41,20 +57,65 @@ def read_image(path: str) -> np.ndarray:
     raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})")
 
 
-# LaSeRS-style answers name each target right before its [SEG]: "<p>the tail</p>[SEG]"
-PHRASE = re.compile(r"<p>(.*?)</p>\s*\[SEG\]")
+def make_predict_fn(setup: ModelSetup, *, eos_id: int, seg_id: int, max_new_tokens: int,
+                    temperature: float = 0.0):
+  """Jitted: (params, batch, rng) -> tokens, lengths, seg_valid, masks [B,K,M,M] (bool, canvas size)."""
+  model = setup.model
+  llm = make_llm(model.config)
+  M = model.config.swin.image_size
+  max_seg = model.config.max_seg
+
+  def predict(params, batch, rng):
+    embeds = model.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
+                         method=model.prompt_embeds)
+    gen = generate(llm, params["llm"], embeds, batch["prompt_len"], max_new_tokens=max_new_tokens,
+                   eos_id=eos_id, seg_id=seg_id, temperature=temperature, rng=rng, max_seg=max_seg)
+    logits = model.apply({"params": params}, batch["swin_image"], gen["seg_hidden"], gen["seg_valid"],
+                         method=model.masks_from_hidden)[-1]            # last decoder prediction [B,K,h,w]
+    b, k = logits.shape[:2]
+    up = jax.image.resize(logits.astype(jnp.float32), (b, k, M, M), "bilinear")
+    masks = (up > 0) & gen["seg_valid"][..., None, None]
+    return dict(tokens=gen["tokens"], lengths=gen["lengths"], seg_valid=gen["seg_valid"], masks=masks)
+
+  return jax.jit(predict)
 
 
-def phrases_of(answer: str, n: int) -> list[str]:
-  found = PHRASE.findall(answer)
-  return [found[i] if i < len(found) else f"target {i + 1}" for i in range(n)]
+def predict_fn_of(setup: ModelSetup, tokenizer):
+  """make_predict_fn with the run's tokenizer ids and ``config.infer`` decoding."""
+  infer = setup.config.infer
+  return make_predict_fn(setup, eos_id=tokenizer.eos_token_id, seg_id=seg_token_id(tokenizer),
+                         max_new_tokens=int(infer.max_new_tokens), temperature=float(infer.temperature))
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
   return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)) for i in range(n)]
 
 
+CAPTION_MIN_WIDTH = 480   # small images get a wider caption area so the text stays readable
+
+
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+  """Greedy word wrap to ``width`` pixels (a word longer than a line is split by characters)."""
+  lines, line = [], ""
+  for word in text.split():
+    trial = f"{line} {word}" if line else word
+    if draw.textlength(trial, font=font) <= width:
+      line = trial
+      continue
+    if line:
+      lines.append(line)
+    while draw.textlength(word, font=font) > width and len(word) > 1:
+      cut = max(1, int(len(word) * width / draw.textlength(word, font=font)))
+      lines.append(word[:cut])
+      word = word[cut:]
+    line = word
+  if line:
+    lines.append(line)
+  return lines
+
+
 def draw_overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str], title: str = "") -> Image.Image:
+  """The image with each mask in its own colour (outlined), then the wrapped title and a colour legend."""
   base = image.astype(np.float32)
   colors = palette(len(masks))
   for m, c in zip(masks, colors):
@@ -62,8 +123,12 @@ def draw_overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str], 
   im = Image.fromarray(base.astype(np.uint8))
   font = ImageFont.load_default()
   line_h = 14
-  legend_h = line_h * (len(labels) + (1 if title else 0)) + 8
-  out = Image.new("RGB", (im.width, im.height + legend_h), (255, 255, 255))
+  width = max(im.width, CAPTION_MIN_WIDTH)
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  title_lines = wrap_text(measure, title, font, width - 8) if title else []
+  label_lines = [wrap_text(measure, label, font, width - 28) or [""] for label in labels]
+  legend_h = line_h * (len(title_lines) + sum(len(lines) for lines in label_lines)) + 8
+  out = Image.new("RGB", (width, im.height + legend_h), (255, 255, 255))
   out.paste(im, (0, 0))
   d = ImageDraw.Draw(out)
   # outlines so each target reads even where colours mix
@@ -73,54 +138,40 @@ def draw_overlay(image: np.ndarray, masks: list[np.ndarray], labels: list[str], 
     for y, x in zip(ys[::2], xs[::2]):
       d.point((int(x), int(y)), fill=c)
   y = im.height + 4
-  if title:
-    d.text((4, y), title[:160], fill=(0, 0, 0), font=font)
+  for line in title_lines:
+    d.text((4, y), line, fill=(0, 0, 0), font=font)
     y += line_h
-  for label, c in zip(labels, colors):
+  for lines, c in zip(label_lines, colors):
     d.rectangle((4, y + 2, 14, y + 11), fill=c)
-    d.text((20, y), label[:120], fill=(0, 0, 0), font=font)
-    y += line_h
+    for line in lines:
+      d.text((20, y), line, fill=(0, 0, 0), font=font)
+      y += line_h
   return out
 
 
 class Predictor:
   """A trained model ready to segment: params on one device, jitted generation + mask decoding."""
 
-  def __init__(self, config, params, tokenizer, setup):
-    from segearth_jax.data.preprocess import Preprocessor
-    from segearth_jax.evaluate import make_predict_fn
-
-    self.config, self.params, self.tokenizer, self.setup = config, params, tokenizer, setup
-    self.pre = Preprocessor(config, tokenizer, train=False, source_name="predict")
-    self.fn = make_predict_fn(setup, tokenizer, max_new_tokens=config.infer.max_new_tokens,
-                              temperature=config.infer.temperature)
-    self.rng = jax.random.key(config.infer.seed)
+  def __init__(self, setup: ModelSetup, params, tokenizer):
+    self.setup, self.config, self.params, self.tokenizer = setup, setup.config, params, tokenizer
+    self.pre = Preprocessor(self.config, tokenizer, train=False, source_name="predict")
+    self.fn = predict_fn_of(setup, tokenizer)
+    self.rng = jax.random.key(self.config.infer.seed)
 
   @classmethod
-  def from_workdir(cls, workdir: str, config=None, weights: str | None = None) -> "Predictor":
-    from segearth_jax import sharding as shd
-    from segearth_jax.data.tokenizer import load_tokenizer
-    from segearth_jax.evaluate import load_workdir_params
-    from segearth_jax.train import TrainSetup, load_workdir_config
-
-    config = config or load_workdir_config(workdir or weights)
+  def load(cls, path: str, config=None, overrides=()) -> "Predictor":
+    """A training workdir (latest checkpoint) or a weights folder. ``config``: run with this experiment
+    config instead of the stored one; ``overrides`` apply to the stored one."""
+    config = config or load_run_config(path, overrides)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    setup = TrainSetup.create(config, mesh=mesh, vocab_size=len(tokenizer))
-    if weights:
-      from segearth_jax.convert.checkpoint import load_params
-      params = jax.tree.map(np.asarray, load_params(weights))
-    else:
-      params, _ = load_workdir_params(setup, workdir)
-    return cls(config, params, tokenizer, setup)
+    mesh = shd.single_device_mesh()
+    setup = ModelSetup.create(config, mesh=mesh, vocab_size=len(tokenizer))
+    params, _ = restore_params(setup, path)
+    return cls(setup, params, tokenizer)
 
   def __call__(self, image: np.ndarray, instruction: str) -> dict:
-    from segearth_jax.train import device_part
-
     ex = self.pre(dict(id="predict", image=image, masks=[], answer="", instruction=instruction))
-    batch = {k: np.asarray(v)[None] for k, v in ex.items()}
-    from segearth_jax.data.preprocess import trim_to_bucket
-    batch = trim_to_bucket(batch, self.pre.buckets)
+    batch = trim_to_bucket({k: np.asarray(v)[None] for k, v in ex.items()}, self.pre.buckets)
     out = jax.device_get(self.fn(self.params, device_part(batch), self.rng))
     n = int(out["seg_valid"][0].sum())
     tokens = out["tokens"][0, : int(out["lengths"][0])]
@@ -134,8 +185,6 @@ class Predictor:
 
 
 def write_prediction(result: dict, image: np.ndarray, out_dir: str, instruction: str) -> str:
-  from segearth_jax.data import rle
-
   os.makedirs(out_dir, exist_ok=True)
   rles = []
   for i, m in enumerate(result["masks"]):
@@ -179,11 +228,10 @@ def cli_main(args) -> int:
   for path, _ in jobs:   # fail before loading the model
     if not os.path.isfile(path):
       raise UserError(f"{path}: no such image file")
-  config = None
-  if args.config:
-    from segearth_jax.config import load_config
-    config = load_config(args.config, args.overrides)
-  predictor = Predictor.from_workdir(args.workdir, config, weights=args.weights)
+  # --config runs the stored params under that experiment file; otherwise the run's own config.json,
+  # with the --config.a.b=v overrides applied to it
+  config = load_config(args.config, args.overrides) if args.config else None
+  predictor = Predictor.load(args.workdir or args.weights, config, args.overrides)
   for i, (path, instruction) in enumerate(jobs):
     image = read_image(path)
     result = predictor(image, instruction)
@@ -208,7 +256,7 @@ def predict_examples(config, workdir: str, release_dir: str, out_dir: str, n: in
       if i < len(recs) and recs[i]["id"] not in seen and len(picked) < n:
         picked.append(recs[i])
         seen.add(recs[i]["id"])
-  predictor = Predictor.from_workdir(workdir, config)
+  predictor = Predictor.load(workdir, config)
   paths = []
   for rec in picked:
     image = read_image(os.path.join(release_dir, "test", "images", rec["image_name"]))

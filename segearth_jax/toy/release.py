@@ -15,11 +15,13 @@ import time
 import numpy as np
 from PIL import Image
 
-from segearth_jax.data import instructions as ins
+from segearth_jax import experiment
 from segearth_jax.data import rle
-from segearth_jax.data.scenes import SCENE_TYPES, draw_scene
-from segearth_jax.data.tokenizer import EOS_TOKEN, train_toy_tokenizer
+from segearth_jax.data.answer import EOS_TOKEN
+from segearth_jax.data.tokenizer import train_toy_tokenizer
 from segearth_jax.errors import UserError
+from segearth_jax.toy import instructions as ins
+from segearth_jax.toy.scenes import SCENE_TYPES, draw_scene
 
 SPLITS = ("train", "val", "test")
 RECORDS_PER_SCENE = {"train": 6, "val": 3, "test": 4}
@@ -150,7 +152,6 @@ def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256
 
 def _conversations(description, answer):
   """The record as the model sees it (both prompt templates), so the template tokenizes compactly."""
-  from segearth_jax import experiment
   return [f"{experiment.PHI_SYSTEM} USER: {p.format(instruction=description)} ASSISTANT: {answer}{EOS_TOKEN}"
           for p in (experiment.TRAIN_PROMPT, experiment.EVAL_PROMPT)]
 

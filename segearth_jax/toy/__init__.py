@@ -1,0 +1,1 @@
+"""The synthetic LaSeRS maker (`segearth data toy`): scenes -> instructions and answers -> release layout."""
