@@ -7,6 +7,7 @@ def get_config(arg=None):
   c = base_config("mipha3b")
   c.model.dtype = "bfloat16"
   c.model.attention_impl = "fused"
+  c.model.pixel_decoder.fpn = "authors"   # their FPN; from the detectron2 checkpoint its biases start at 0
   c.data.name = "laserss"
   c.data.text_buckets = (128, 256, 512, 1024, 2048)
   c.data.max_len = 2048
@@ -17,4 +18,5 @@ def get_config(arg=None):
   c.train.warmup_ratio = 0.03
   c.loss.lambda_s = 0.01
   c.loss.ls_form = "baseline"
+  c.loss.ls_target, c.loss.ls_divisor = "authors", "all"   # their L_S grid (patch centres) and batchmean
   return c

@@ -32,7 +32,7 @@ def segearth_loss(outputs: dict, batch: dict, rng: jax.Array, loss_cfg, num_head
   if loss_cfg.lambda_s and outputs.get("seg_attn") is not None:
     grid = batch["mask_grid"].reshape(batch["mask_grid"].shape[:2] + (-1,))
     terms["ls"] = ls_loss(outputs["seg_attn"].astype(jnp.float32), grid, batch["seg_valid"],
-                          num_heads=num_heads, form=loss_cfg.ls_form)
+                          num_heads=num_heads, form=loss_cfg.ls_form, divisor=loss_cfg.ls_divisor)
     total = total + loss_cfg.lambda_s * terms["ls"]
   terms["total"] = total
   return total, terms

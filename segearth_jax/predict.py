@@ -1,8 +1,8 @@
 """The predict core: generation + mask decoding as one jitted function, and `segearth predict` on it.
 
-``make_predict_fn(setup, eos_id=, seg_id=, max_new_tokens=, temperature=)`` -> jitted
-``(params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks bool [B,K,M,M]`` (the masks on
-the letterboxed M x M canvas). Evaluation and the command line both run it.
+``make_predict_fn(setup, eos_id=, seg_id=, max_new_tokens=, temperature=, top_k=, top_p=, max_seg=)`` ->
+jitted ``(params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks bool [B,K,M,M]`` (the masks
+on the letterboxed M x M canvas; K = generate.seg_slots(max_seg, model.max_seg, T): the [SEG] cap). Evaluation and the command line both run it.
 
 `segearth predict`: an image and an instruction in; answer text, one mask per [SEG] at the original image
 size (PNG + COCO RLE JSON) and an overlay picture out. Batch mode over a folder or a JSONL file. The image
@@ -28,7 +28,7 @@ from segearth_jax.data.batch import device_part
 from segearth_jax.data.preprocess import Preprocessor, trim_to_bucket
 from segearth_jax.data.tokenizer import load_tokenizer, seg_token_id
 from segearth_jax.errors import UserError
-from segearth_jax.generate import generate
+from segearth_jax.generate import generate, seg_slots
 from segearth_jax.model_setup import ModelSetup
 from segearth_jax.models.mllm import make_llm
 from segearth_jax.weights import load_run_config, restore_params
@@ -58,18 +58,22 @@ def read_image(path: str) -> np.ndarray:
 
 
 def make_predict_fn(setup: ModelSetup, *, eos_id: int, seg_id: int, max_new_tokens: int,
-                    temperature: float = 0.0):
-  """Jitted: (params, batch, rng) -> tokens, lengths, seg_valid, masks [B,K,M,M] (bool, canvas size)."""
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_seg: int = -1):
+  """Jitted: (params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks [B,K,M,M] (bool,
+  canvas size). Decoding as `generate` (temperature 0 = greedy; top_k 0 / top_p 1.0 = off; rng the
+  sampling key). K = seg_slots(max_seg, model.max_seg, max_new_tokens): -1 = model.max_seg, 0 = no cap
+  (K = max_new_tokens), n = n; the mask head decodes all K slots."""
   model = setup.model
   llm = make_llm(model.config)
   M = model.config.swin.image_size
-  max_seg = model.config.max_seg
+  k_slots = seg_slots(max_seg, model.config.max_seg, max_new_tokens)
 
   def predict(params, batch, rng):
     embeds = model.apply({"params": params}, batch["siglip_image"], batch["input_ids"], batch["image_start"],
                          method=model.prompt_embeds)
     gen = generate(llm, params["llm"], embeds, batch["prompt_len"], max_new_tokens=max_new_tokens,
-                   eos_id=eos_id, seg_id=seg_id, temperature=temperature, rng=rng, max_seg=max_seg)
+                   eos_id=eos_id, seg_id=seg_id, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+                   max_seg=k_slots)
     logits = model.apply({"params": params}, batch["swin_image"], gen["seg_hidden"], gen["seg_valid"],
                          method=model.masks_from_hidden)[-1]            # last decoder prediction [B,K,h,w]
     b, k = logits.shape[:2]
@@ -81,10 +85,12 @@ def make_predict_fn(setup: ModelSetup, *, eos_id: int, seg_id: int, max_new_toke
 
 
 def predict_fn_of(setup: ModelSetup, tokenizer):
-  """make_predict_fn with the run's tokenizer ids and ``config.infer`` decoding."""
+  """make_predict_fn with the run's tokenizer ids and ``config.infer`` decoding (the caller makes the
+  key from ``infer.seed``)."""
   infer = setup.config.infer
   return make_predict_fn(setup, eos_id=tokenizer.eos_token_id, seg_id=seg_token_id(tokenizer),
-                         max_new_tokens=int(infer.max_new_tokens), temperature=float(infer.temperature))
+                         max_new_tokens=int(infer.max_new_tokens), temperature=float(infer.temperature),
+                         top_k=int(infer.top_k), top_p=float(infer.top_p), max_seg=int(infer.max_seg))
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:

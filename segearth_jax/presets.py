@@ -47,7 +47,8 @@ def _swin(**kw):
 
 def _pixel_decoder(**kw):
   base = dict(feature_size=256, mask_feature_size=256, encoder_layers=6, num_attention_heads=8,
-              encoder_n_points=4, encoder_feedforward_dim=1024, num_feature_levels=3)
+              encoder_n_points=4, encoder_feedforward_dim=1024, num_feature_levels=3,
+              fpn="mask2former")  # or 'authors': SegEarth-R2's FPN (conv biases, lateral ReLU)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 

@@ -16,6 +16,7 @@ how the stored params are split and shaped, whatever config the caller runs with
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Iterable, Mapping
 
@@ -28,9 +29,12 @@ from segearth_jax.checkpointing import Checkpointer
 from segearth_jax.config import apply_overrides
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
+from segearth_jax.experiment import base_config
 from segearth_jax.model_setup import ModelSetup
 from segearth_jax.optim import merge_params, split_params
 from segearth_jax.tensor_io import SafetensorsReader, flatten, save_safetensors, unflatten
+
+log = logging.getLogger(__name__)
 
 MARKER = "segearth_weights.json"
 CONFIG = "config.json"
@@ -77,11 +81,38 @@ def load_run_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.
     raise UserError(f"{path}: no {CONFIG}: neither a weights folder ({MARKER}) nor a training workdir")
   try:
     with open(file) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      stored = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f"{file}: not a readable config ({e})") from e
+  config = with_current_fields(stored, file)
   apply_overrides(config, overrides)
   return config
+
+
+def with_current_fields(stored: dict, where: str) -> ml_collections.ConfigDict:
+  """A stored run config on today's fields: a field added since it was written takes the base config's
+  default, a field that no longer exists is dropped; both are named in a warning. The model section is
+  kept whole (it says what the params are)."""
+  base = base_config().to_dict()
+  added, dropped = [], []
+
+  def merge(into: dict, have: dict, prefix: str):
+    for k in sorted(set(into) | set(have)):
+      name = f"{prefix}{k}"
+      if k not in have:
+        added.append(name)
+      elif k not in into:
+        dropped.append(name)
+      elif isinstance(into[k], dict) and into[k] and isinstance(have[k], dict) and name != "model":
+        merge(into[k], have[k], name + ".")
+      else:   # a value, the model section, or a free-form mapping (e.g. train.lr_scale): as stored
+        into[k] = have[k]
+
+  merge(base, stored, "")
+  if added or dropped:
+    log.warning("%s was written by another version: fields added with defaults %s, dropped %s",
+                where, added, dropped)
+  return ml_collections.ConfigDict(base)
 
 
 def check_params(flat: Mapping, abstract_params, what: str) -> None:

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from segearth_jax.convert.mask2former import mask2former_hf_config
 from segearth_jax.convert.mipha import mipha_config_dict
 from segearth_jax.data.tokenizer import train_toy_tokenizer
-from segearth_jax.experiment import EVAL_PROMPT, PHI_SYSTEM
+from segearth_jax.data.templates import EVAL_PROMPT, PHI_SYSTEM
 from segearth_jax.models.segearth import ModelConfig
 
 
@@ -27,9 +27,24 @@ def _kwargs(hf_dict: dict) -> dict:
   return {k: v for k, v in hf_dict.items() if k not in ("architectures", "model_type")}
 
 
-def hf_parts(model_cfg, seed: int = 0) -> dict:
+def add_authors_fpn(decoder, seed: int = 0) -> None:
+  """A transformers Mask2FormerPixelDecoder turned, in place, into the authors' FPN (SegEarth-R1/R2
+  msdeformattn.py): lateral Conv2d(bias) -> GroupNorm -> ReLU, output Conv2d(bias) -> GroupNorm -> ReLU.
+  The biases are random (non-zero) so a dropped or misplaced one shows. Written here, independently of
+  the exporter's version (convert/torch_model.py)."""
+  gen = torch.Generator().manual_seed(seed)
+  for k in range(1, decoder.num_fpn_levels + 1):
+    for name in (f"adapter_{k}", f"layer_{k}"):
+      seq = getattr(decoder, name)
+      conv = seq[0]
+      conv.bias = torch.nn.Parameter(0.5 * torch.randn(conv.out_channels, generator=gen))
+    getattr(decoder, f"adapter_{k}").append(torch.nn.ReLU())   # the same object forward() runs
+
+
+def hf_parts(model_cfg, seed: int = 0, fpn: str = "mask2former") -> dict:
   """Random transformers modules shaped by ``model_cfg``: siglip, projector, phi, mask2former. The Mask2Former
-  norms are moved off their init values, so an identity-initialised tensor is checked like any other."""
+  norms are moved off their init values, so an identity-initialised tensor is checked like any other.
+  ``fpn='authors'``: the pixel decoder gets the authors' FPN (``add_authors_fpn``)."""
   from transformers import (Mask2FormerConfig, Mask2FormerModel, PhiConfig, PhiForCausalLM, SiglipVisionConfig,
                             SiglipVisionModel, SwinConfig)
 
@@ -49,6 +64,8 @@ def hf_parts(model_cfg, seed: int = 0) -> dict:
     for name, p in m2f.named_parameters():
       if "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
+  if fpn == "authors":
+    add_authors_fpn(m2f.pixel_level_module.decoder, seed)
   return dict(siglip=siglip, projector=projector, phi=phi, mask2former=m2f)
 
 

@@ -1,5 +1,6 @@
-"""L_S vs a direct numpy transcription of each formula; fused + recomputed [SEG] rows == plain softmax
-(values and gradients), through the Phi decoder."""
+"""L_S vs a direct numpy transcription of each formula and divisor; the authors' target grid vs
+torch.nn.functional.interpolate; fused + recomputed [SEG] rows == plain softmax (values and gradients),
+through the Phi decoder."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 
 from segearth_jax.attention_supervision import ls_loss
+from segearth_jax.data.preprocess import AUTHORS_LS_CANVAS, mask_grid_authors, mask_grid_touches
 from segearth_jax.models import attention as attention_lib
 from segearth_jax.models.phi import Phi, PhiConfig
 
 
-def numpy_ls(seg_attn, grid, valid, heads, form):
+def numpy_ls(seg_attn, grid, valid, heads, form, divisor="kept"):
   n_layers, b, k, n = seg_attn.shape
   losses = []
   for i in range(b):
@@ -26,11 +28,13 @@ def numpy_ls(seg_attn, grid, valid, heads, form):
         inner = np.mean((A[g] - a) ** 2)
         total += -np.log(inner) if form == "paper" else -np.log(inner + 1e-8)
       losses.append(total)
-  return np.mean(losses) if losses else 0.0
+  count = len(losses) if divisor == "kept" else int(valid.sum())   # 'all': every real [SEG] row
+  return sum(losses) / count if count else 0.0
 
 
 @pytest.mark.parametrize("form", ["paper", "baseline"])
-def test_ls_matches_numpy(form):
+@pytest.mark.parametrize("divisor", ["kept", "all"])
+def test_ls_matches_numpy(form, divisor):
   rng = np.random.default_rng(0)
   layers, b, k, g, heads = 3, 2, 4, 5, 4
   seg_attn = rng.random((layers, b, k, g * g)).astype(np.float32) * 0.2
@@ -39,9 +43,48 @@ def test_ls_matches_numpy(form):
   grid[1, 2] = 1.0          # empty background: a = 0
   valid = np.ones((b, k), bool)
   valid[1, 3] = False       # padding slot: skipped
-  got = float(ls_loss(jnp.asarray(seg_attn), jnp.asarray(grid), jnp.asarray(valid), num_heads=heads, form=form))
-  ref = numpy_ls(seg_attn.astype(np.float64), grid, valid, heads, form)
+  got = float(ls_loss(jnp.asarray(seg_attn), jnp.asarray(grid), jnp.asarray(valid), num_heads=heads, form=form,
+                      divisor=divisor))
+  ref = numpy_ls(seg_attn.astype(np.float64), grid, valid, heads, form, divisor)
   assert abs(got - ref) <= 1e-4 * max(1.0, abs(ref)), (got, ref)
+  # 7 valid rows, one with an empty target: 'all' divides by 7, 'kept' by 6
+  kept = numpy_ls(seg_attn.astype(np.float64), grid, valid, heads, form, "kept")
+  if divisor == "all":
+    assert abs(got - kept * 6 / 7) <= 1e-4 * max(1.0, abs(kept))
+
+
+@pytest.mark.parametrize("shape, grid", [((40, 40), 2), ((37, 53), 27), ((1024, 768), 27), ((800, 800), 27),
+                                         ((5, 3), 5), ((300, 200), 13)])
+def test_authors_grid_matches_torch_interpolate(shape, grid):
+  """Their target: F.interpolate(mask, (800, 800), 'nearest') -> F.interpolate(.., (G, G), 'bilinear',
+  align_corners=False) -> > 0."""
+  import torch
+  import torch.nn.functional as F
+  rng = np.random.default_rng(shape[0] * 31 + grid)
+  h, w = shape
+  masks = [(rng.random(shape) > 0.97).astype(np.uint8),                   # scattered pixels
+           np.zeros(shape, np.uint8), np.ones(shape, np.uint8)]
+  line = np.zeros(shape, np.uint8)
+  line[:, w // 3] = 1                                                      # a one-pixel column
+  box = np.zeros(shape, np.uint8)
+  box[h // 4:h // 2 + 1, w // 5:(3 * w) // 5] = 1
+  masks += [line, box]
+  for m in masks:
+    t = torch.from_numpy(m)[None, None].float()
+    big = F.interpolate(t, size=(AUTHORS_LS_CANVAS, AUTHORS_LS_CANVAS), mode="nearest")
+    ref = (F.interpolate(big, size=(grid, grid), mode="bilinear", align_corners=False) > 0)[0, 0].numpy()
+    got = mask_grid_authors(m, grid)
+    assert got.dtype == np.float32 and got.shape == (grid, grid)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_authors_grid_samples_patch_centres():
+  """A pixel at a patch corner: 'touches' marks its patch, the authors' grid (taps near centres) does not."""
+  m = np.zeros((378, 378), np.uint8)
+  m[0, 0] = 1
+  assert mask_grid_touches(m, 378, 27, 14)[0, 0] == 1 and mask_grid_authors(m, 27).sum() == 0
+  m[7, 7] = 1   # the patch centre
+  assert mask_grid_authors(m, 27)[0, 0] == 1
 
 
 def test_ls_no_valid_rows_is_zero_with_finite_grads():

@@ -1,7 +1,14 @@
 """The authors' SegEarth-R2 checkpoint naming -> our params: a tiny random model's tensors are built with
-transformers classes (HF/Mipha naming), renamed here to the authors' naming (the fixture: merged and
-PEFT-wrapped layouts), and imported through authors_map; the params must equal the ones imported from the
-HF twin (import_mipha + PEFT adapter, import_mask2former, the [SEG] projector) bit for bit."""
+transformers classes (HF/Mipha naming; their FPN: conv biases + lateral ReLU, convert_fixtures.add_authors_fpn),
+renamed here to the authors' naming (the fixture: merged and PEFT-wrapped layouts), and imported through
+authors_map; the params must equal the ones imported from the HF twin (import_mipha + PEFT adapter,
+import_mask2former + the FPN biases, the [SEG] projector) bit for bit.
+
+End to end (test_from_authors_cli_predict_and_to_torch): a tiny checkpoint as their code writes it (their
+key names, embed_tokens with len(tokenizer) rows under a larger bias-free lm_head, trained FPN biases, LoRA
+merged by PEFT) goes through `segearth convert from-authors` with no flags; Predictor then gives the masks
+of the test's own PyTorch forward of the same modules, and `to-torch` writes every used tensor back bit for
+bit."""
 import json
 import os
 import re
@@ -9,16 +16,30 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from convert_fixtures import hf_decoder_to_d2, hf_parts, mipha_state, same_arrays, state
-from train_fixtures import tiny_config
+from train_fixtures import REPO, TINY_OVERRIDES, tiny_config
 
-from segearth_jax import tensor_io
+from segearth_jax import cli, tensor_io
+from segearth_jax.config import load_config
 from segearth_jax.convert.authors_map import authors_to_ours, import_authors_checkpoint
 from segearth_jax.convert.mask2former import import_mask2former
 from segearth_jax.convert.mipha import import_mipha
+from segearth_jax.convert.torch_model import SegEarthR2Torch
+from segearth_jax.data.answer import EOS_TOKEN, SEG_TOKEN
+from segearth_jax.data.preprocess import Preprocessor
+from segearth_jax.data.templates import PRESETS
+from segearth_jax.data.tokenizer import load_tokenizer, seg_token_id
 from segearth_jax.errors import UserError
+from segearth_jax.models.lora import split_lora
+from segearth_jax.predict import Predictor
+from segearth_jax.presets import image_tokens
 
 
 # ---------------------------------------------------------------------- HF -> authors' names (fixture)
@@ -67,9 +88,8 @@ def _pixel_decoder_to_authors(hf: dict) -> dict:
       head, _, tail = m[2].partition(".")
       k2 = f"transformer.encoder.layers.{m[1]}.{rest.get(head, head)}.{tail}"
     k2 = re.sub(r"^mask_projection\.", "mask_features.", k2)
-    out[k2] = v   # adapter_{k}.0/.1 and layer_{k}.0/.1: their Sequential names equal transformers'
-  for name in ("adapter_1", "layer_1"):   # their FPN Conv2d has a bias, zero as loaded from detectron2
-    out[f"{name}.0.bias"] = np.zeros_like(out[f"{name}.1.bias"])
+    out[k2] = v   # adapter_{k}.0/.1 and layer_{k}.0/.1 (+ .0.bias): their Sequential names equal transformers'
+  assert "adapter_1.0.bias" in out and "layer_1.0.bias" in out, "fixture: build the model with fpn='authors'"
   return out
 
 
@@ -90,7 +110,7 @@ def twin(tmp_path_factory):
   config = tiny_config()
   m = config.model
   rng = np.random.default_rng(0)
-  parts = hf_parts(m)
+  parts = hf_parts(m, fpn="authors")
   phi, m2f = parts["phi"], parts["mask2former"]
   seg = torch.nn.Linear(m.llm.hidden_size, m.mask_decoder.hidden_dim)
   with torch.no_grad():  # no lm_head bias (theirs has none)
@@ -109,15 +129,18 @@ def twin(tmp_path_factory):
   save_file({"base_model.model." + k: x for k, x in lora.items()}, str(adapter / "adapter_model.safetensors"))
   with open(adapter / "adapter_config.json", "w") as f:
     json.dump({"target_modules": ["q_proj", "v_proj"], "r": r, "lora_alpha": 16}, f)
-  m2f.save_pretrained(str(tmp / "m2f"))
   want = import_mipha(mllm, adapter=str(adapter))
-  want["mask_head"] = import_mask2former(str(tmp / "m2f"))
+  sd = state(m2f)
+  fpn_bias = re.compile(r"pixel_level_module\.decoder\.((?:adapter|layer)_\d+)\.0\.bias")
+  want["mask_head"] = import_mask2former({k: x for k, x in sd.items() if not fpn_bias.fullmatch(k)})
+  for k, x in sd.items():   # the FPN biases transformers' Mask2Former has no key for
+    if m_ := fpn_bias.fullmatch(k):
+      want["mask_head"]["pixel_decoder"][m_[1]]["conv"]["bias"] = x
   want["seg_projector"] = {"kernel": state(seg)["weight"].T.copy(), "bias": state(seg)["bias"]}
 
   # authors' naming (merged layout)
   merged = {k: x for k, x in mllm.items() if k != "lm_head.bias"}
   merged |= {f"SEG_token_projector.{k}": x for k, x in state(seg).items()}
-  sd = state(m2f)
   part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
   merged |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
   merged |= {f"pixel_decoder.{k}": x
@@ -155,7 +178,6 @@ def test_merged_torch_file_equals_hf_twin_without_lora(twin):
   path = str(twin["tmp"] / "merged.bin")
   torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in twin["merged"].items()}}, path)
   got = authors_to_ours(path)
-  from segearth_jax.models.lora import split_lora
   want, _ = split_lora(twin["want"])
   _assert_same(got, want)
   # merged + a LoRA config: fresh adapters whose B is zero (outputs unchanged)
@@ -180,12 +202,224 @@ def test_unknown_and_unrepresentable_keys_are_named(twin):
   bad = dict(twin["merged"], **{"predictor.class_gate.weight": np.ones((2, 2), np.float32)})
   with pytest.raises(UserError, match=r"predictor\.class_gate\.weight"):
     authors_to_ours(bad)
-  bad = dict(twin["merged"])
-  bad["pixel_decoder.adapter_1.0.bias"] = bad["pixel_decoder.adapter_1.0.bias"] + 0.5
-  with pytest.raises(UserError, match=r"pixel_decoder\.adapter_1\.0\.bias"):
+  bad = {k: x for k, x in twin["merged"].items() if k != "pixel_decoder.layer_1.0.bias"}
+  with pytest.raises(UserError, match=r"pixel_decoder\.layer_1\.0\.bias"):
     authors_to_ours(bad)
-  got = authors_to_ours(bad, drop_fpn_bias=True)   # explicit opt-in drops it
-  assert "bias" not in got["mask_head"]["pixel_decoder"]["adapter_1"]["conv"]
+  bad = dict(twin["merged"], **{"pixel_decoder.adapter_1.0.bias": np.zeros((3,), np.float32)})
+  with pytest.raises(UserError, match=r"pixel_decoder\.adapter_1\.0\.bias has shape \(3,\)"):
+    authors_to_ours(bad)
   missing = {k: x for k, x in twin["merged"].items() if not k.startswith("SEG_token_projector.")}
   with pytest.raises(UserError, match="SEG_token_projector"):
     authors_to_ours(missing)
+
+
+def test_embedding_rows_below_the_head_are_padded_never_the_head(twin):
+  """Their embed_tokens has len(tokenizer) rows, their lm_head more (never resized): the embedding is
+  padded up to the head, the head kept bit for bit; only a tokenizer longer than the head grows both."""
+  merged = dict(twin["merged"])
+  emb, head = merged["model.embed_tokens.weight"], merged["lm_head.weight"]
+  V = head.shape[0]
+  n = V - 70
+  merged["model.embed_tokens.weight"] = emb[:n]
+  got = import_authors_checkpoint(merged, twin["config"], vocab_size=n + 1)   # their tokenizer + our <image>
+  g = got["llm"]
+  assert g["embed_tokens"]["embedding"].shape[0] == g["lm_head"]["kernel"].shape[1] == V
+  assert np.array_equal(g["embed_tokens"]["embedding"][:n], emb[:n])
+  assert np.array_equal(g["lm_head"]["kernel"], head.T) and np.all(g["lm_head"]["bias"] == 0)
+  # the new rows: transformers' mean resizing (the mean row plus a 1e-9-scaled draw)
+  added = g["embed_tokens"]["embedding"][n:]
+  np.testing.assert_allclose(added, np.broadcast_to(emb[:n].mean(0), added.shape), atol=1e-4)
+  grown = import_authors_checkpoint(merged, twin["config"], vocab_size=V + 1)["llm"]
+  mult = twin["config"].model.llm.pad_vocab_to_multiple_of
+  rows = -(-(V + 1) // mult) * mult
+  assert grown["embed_tokens"]["embedding"].shape[0] == grown["lm_head"]["kernel"].shape[1] == rows
+  assert np.array_equal(grown["lm_head"]["kernel"][:, :V], head.T)
+  merged["lm_head.weight"] = head[:n - 1]
+  with pytest.raises(UserError, match=r"lm_head\.weight only"):
+    import_authors_checkpoint(merged, twin["config"])
+
+
+# ---------------------------------------------------------------------- end to end: their checkpoint
+INSTRUCTION = "segment the ships near the harbour"
+MAX_NEW = 6
+
+
+def _their_tokenizer(out_dir):
+  """Their tokenizer's shape: a byte-level BPE with EOS and [SEG] added, no <image> (their image
+  placeholder is a negative index, not a token), so our load_tokenizer appends <image> as the last id."""
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS_TOKEN, SEG_TOKEN], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  bpe.train_from_iterator([PRESETS["toy"], INSTRUCTION, "the ship and the road"] * 3, trainer=trainer)
+  tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+                                pad_token=EOS_TOKEN, additional_special_tokens=[SEG_TOKEN])
+  tok.save_pretrained(str(out_dir))
+  return len(tok)
+
+
+def _merge_lora(phi, rank: int, alpha: float, seed: int):
+  """Their release: PEFT LoRA (random, non-zero B) on q_proj/v_proj, then merge_and_unload()."""
+  from peft import LoraConfig, get_peft_model
+  model = get_peft_model(phi, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                         target_modules=["q_proj", "v_proj"]))
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+  return model.merge_and_unload()
+
+
+def _steer(phi, n_rows: int, seg: int, last: int, seed: int):
+  """Greedy decoding of the random model emits [SEG] A [SEG] A ... with A = the prompt's last token: A's
+  embedding points along w, [SEG]'s along u (both large), the head maps w -> [SEG] and u -> A. Then the
+  embedding is cut to their n_rows and the head made bias-free (nn.Linear(hidden, vocab, bias=False))."""
+  rng = np.random.default_rng(seed)
+  d = phi.config.hidden_size
+  u, w = rng.normal(size=d), rng.normal(size=d)
+  u -= u.mean()
+  w -= w.mean()
+  w -= u * (u @ w) / (u @ u)
+  u, w = u / np.linalg.norm(u), w / np.linalg.norm(w)
+  with torch.no_grad():
+    emb = phi.model.embed_tokens.weight
+    emb[seg], emb[last] = torch.tensor(50 * u), torch.tensor(50 * w)
+    head = phi.lm_head.weight
+    head[last], head[seg] = torch.tensor(3 * u), torch.tensor(3 * w)
+    phi.model.embed_tokens = torch.nn.Embedding.from_pretrained(emb[:n_rows].clone(), freeze=False)
+    new_head = torch.nn.Linear(d, head.shape[0], bias=False)
+    new_head.weight.copy_(head)
+    phi.lm_head = new_head
+
+
+@torch.no_grad()
+def _reference_masks(parts, seg_proj, ex, n_image: int, max_new: int, max_seg: int, eos: int, seg: int):
+  """The test's own PyTorch forward of their model: SigLIP hidden_states[-2] -> projector spliced over the
+  <image> run, greedy decoding (full recompute per step), the final hidden state of each fed [SEG] (at most
+  max_seg) -> [SEG] projector -> Mask2Former (their FPN) decoding each query alone with zero query
+  position; last prediction upsampled to the canvas, > 0, cropped and resized (nearest) to the image."""
+  phi, m2f = parts["phi"], parts["mask2former"]
+  p, s = int(ex["prompt_len"]), int(ex["image_start"])
+  ids = torch.from_numpy(ex["input_ids"][:p].astype(np.int64))
+  vis = parts["siglip"](pixel_values=torch.from_numpy(ex["siglip_image"])[None].permute(0, 3, 1, 2),
+                        output_hidden_states=True).hidden_states[-2]
+  img = parts["projector"](vis)
+  assert img.shape[1] == n_image
+  embed = phi.model.embed_tokens
+  prefix = torch.cat([embed(ids[:s])[None], img, embed(ids[s + n_image:])[None]], 1)
+  tokens = []
+  for _ in range(max_new):
+    seq = torch.cat([prefix, embed(torch.tensor(tokens, dtype=torch.long))[None]], 1)
+    h = phi.model(inputs_embeds=seq).last_hidden_state
+    tok = int(torch.argmax(phi.lm_head(h[0, -1])))
+    tokens.append(tok)
+    if tok == eos:
+      break
+  fed = [t for t in tokens if t != eos]
+  h = phi.model(inputs_embeds=torch.cat([prefix, embed(torch.tensor(fed, dtype=torch.long))[None]], 1))
+  h = h.last_hidden_state[0, p:]
+  seg_hidden = h[[i for i, t in enumerate(fed) if t == seg][:max_seg]]
+  queries = seg_proj(seg_hidden)
+  k = queries.shape[0]
+  plm = m2f.pixel_level_module(torch.from_numpy(ex["swin_image"])[None].permute(0, 3, 1, 2))
+  tm = m2f.transformer_module
+  src, pos, sizes = [], [], []
+  for i in range(tm.num_feature_levels):
+    f = plm.decoder_hidden_states[i].expand(k, -1, -1, -1)
+    sizes.append(f.shape[-2:])
+    pos.append(tm.position_embedder(f.shape, f.device, f.dtype, None).flatten(2).permute(2, 0, 1))
+    src.append((tm.input_projections[i](f).flatten(2) + tm.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+  out = tm.decoder(inputs_embeds=queries[None], multi_stage_positional_embeddings=pos,
+                   pixel_embeddings=plm.decoder_last_hidden_state.expand(k, -1, -1, -1), encoder_hidden_states=src,
+                   query_position_embeddings=torch.zeros_like(queries[None]), feature_size_list=sizes,
+                   return_dict=True)
+  logits = out.masks_queries_logits[-1][:, 0]
+  M = ex["swin_image"].shape[0]
+  up = F.interpolate(logits[None], size=(M, M), mode="bilinear", align_corners=False)[0] > 0
+  h_img, w_img, rh, rw = (int(v) for v in ex["letterbox"])
+  masks = [np.asarray(Image.fromarray(m[:rh, :rw].astype(np.uint8) * 255).resize((w_img, h_img), Image.NEAREST)) > 127
+           for m in up.numpy()]
+  return tokens, masks
+
+
+def test_from_authors_cli_predict_and_to_torch(tmp_path):
+  n_rows = _their_tokenizer(tmp_path / "their_tok")
+  overrides = TINY_OVERRIDES + [f"--config.infer.max_new_tokens={MAX_NEW}", "--config.data.text_buckets=(128,)"]
+  exp = tmp_path / "experiment.py"   # an experiment file: the CLI call below passes no --config.* flag
+  exp.write_text("from segearth_jax.config import load_config\n\n\ndef get_config(arg=None):\n"
+                 f"  return load_config({os.path.join(REPO, 'experiments', 'toy.py')!r}, {overrides!r})\n")
+  config = load_config(str(exp))
+  m = config.model
+  tok = load_tokenizer(str(tmp_path / "their_tok"))
+  assert len(tok) == n_rows + 1 < m.llm.vocab_size          # our <image> appended; their head is larger
+  seg, eos = seg_token_id(tok), tok.eos_token_id
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)   # not square: letterbox in and out
+  ex = Preprocessor(config, tok, train=False, source_name="test")(
+      dict(id="x", image=image, masks=[], answer="", instruction=INSTRUCTION))
+  last = int(ex["input_ids"][int(ex["prompt_len"]) - 1])
+
+  parts = hf_parts(m, seed=2, fpn="authors")
+  parts["phi"] = _merge_lora(parts["phi"], int(m.lora.rank), float(m.lora.alpha), seed=3)
+  _steer(parts["phi"], n_rows, seg, last, seed=4)
+  seg_proj = torch.nn.Linear(m.llm.hidden_size, m.mask_decoder.hidden_dim)
+  for mod in (*parts.values(), seg_proj):
+    mod.eval()
+  phi = state(parts["phi"])
+  assert phi["model.embed_tokens.weight"].shape[0] == n_rows and "lm_head.bias" not in phi
+  assert not any("lora" in k for k in phi)
+  ckpt = {f"model.vision_tower.vision_model.{k}": x for k, x in state(parts["siglip"]).items()}
+  ckpt |= {f"model.mm_projector.{k}": x for k, x in state(parts["projector"]).items()} | phi
+  ckpt |= {f"SEG_token_projector.{k}": x for k, x in state(seg_proj).items()}
+  sd = state(parts["mask2former"])
+  assert np.abs(sd["pixel_level_module.decoder.adapter_1.0.bias"]).min() > 0
+  part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
+  ckpt |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
+  ckpt |= {f"pixel_decoder.{k}": x for k, x in _pixel_decoder_to_authors(part("pixel_level_module.decoder.")).items()}
+  ckpt |= {f"predictor.{k}": x for k, x in _predictor_to_authors(part("transformer_module."), rng,
+                                                                 m.mask_decoder.hidden_dim).items()}
+  src = tmp_path / "their_release"
+  os.makedirs(src)
+  save_file(ckpt, str(src / "model.safetensors"))
+
+  W = str(tmp_path / "weights")
+  assert cli.main(["convert", "from-authors", "--config", str(exp), "--checkpoint", str(src),
+                   "--tokenizer", str(tmp_path / "their_tok"), "--out", W]) == 0
+
+  pred = Predictor.load(W)
+  assert pred.config.model.pixel_decoder.fpn == "authors" and pred.config.model.llm.vocab_size == m.llm.vocab_size
+  ours = pred(image, INSTRUCTION)
+  tokens, masks = _reference_masks(parts, seg_proj, ex, image_tokens(m), MAX_NEW, int(m.max_seg), eos, seg)
+  assert ours["tokens"] == tokens
+  assert tokens[:4] == [seg, last, seg, last]                       # the mask path runs, twice
+  assert len(ours["masks"]) == len(masks) == m.max_seg
+  for a, b in zip(ours["masks"], masks):
+    assert a.shape == b.shape == image.shape[:2] and 0 < b.sum() < b.size
+    assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.99
+
+  out = str(tmp_path / "torch")
+  assert cli.main(["convert", "to-torch", "--workdir", W, "--out", out]) == 0
+  with safe_open(os.path.join(out, "model.safetensors"), "np") as h:
+    got = {k: h.get_tensor(k) for k in h.keys()}
+  want = {f"vision_tower.{k}": x for k, x in state(parts["siglip"]).items()
+          if not k.endswith("position_ids") and not k.startswith("head.")}
+  want |= {f"projector.{k}": x for k, x in state(parts["projector"]).items()}
+  want |= {f"llm.{k}": x for k, x in phi.items()}
+  want |= {f"seg_projector.{k}": x for k, x in state(seg_proj).items()}
+  new = ("queries_features", "queries_embedder", "relative_position_index", "swin.layernorm.")
+  want |= {f"mask_head.{k}": x for k, x in sd.items() if not any(s_ in k for s_ in new)}
+  emb = "llm.model.embed_tokens.weight"
+  assert got[emb].shape[0] == m.llm.vocab_size and np.array_equal(got[emb][:n_rows], want.pop(emb))
+  same_arrays({k: got[k] for k in want}, want)
+  assert np.all(got["llm.lm_head.bias"] == 0)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["pixel_decoder_fpn"] == "authors"
+  # the exported PyTorch model computes their FPN too (a strict load: its FPN convs have the biases)
+  exported = SegEarthR2Torch.from_pretrained(out)
+  assert isinstance(exported.mask_head.pixel_level_module.decoder.adapter_1[-1], torch.nn.ReLU)
+  theirs = exported.segment(image, INSTRUCTION)
+  assert theirs["tokens"] == tokens
+  for a, b in zip(theirs["masks"], masks, strict=True):
+    assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.99

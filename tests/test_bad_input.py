@@ -11,6 +11,7 @@ from segearth_jax import experiment
 from segearth_jax.cli import main
 from segearth_jax.data.pipeline import make_dataset
 from segearth_jax.data.preprocess import Preprocessor
+from segearth_jax.data.templates import PHI_SYSTEM
 from segearth_jax.data.tokenizer import train_toy_tokenizer
 from segearth_jax.errors import UserError
 from tests import native_fixtures as nf
@@ -162,7 +163,7 @@ def test_orphan_qa_and_cli_message(tmp_path, capsys):
 def test_pipeline_bad_record_named_and_skipped(tmp_path):
   """A record the builder let through but the pipeline cannot use (masks vs [SEG]) is named, or skipped."""
   c = experiment.base_config("tiny")
-  tok = train_toy_tokenizer([c.data.system, "a b c"], tmp_path / "tok", vocab_size=300)
+  tok = train_toy_tokenizer([PHI_SYSTEM, "a b c"], tmp_path / "tok", vocab_size=300)
   ex = dict(image=np.zeros((8, 8, 3), np.uint8), masks=[np.zeros((8, 8, 1), np.uint8)] * 2,
             instruction=b"x", answer=b"<p>a</p>[SEG]", id=b"rec-7")
   with pytest.raises(UserError, match=r"record rec-7: field 'masks': 2 masks but 1 \[SEG\]"):

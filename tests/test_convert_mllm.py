@@ -2,15 +2,18 @@
 forward equals the torch composition; export is bit-exact; LoRA adapter round trip; text loss."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
 from segearth_jax.convert import mipha
+from segearth_jax.errors import UserError
 from segearth_jax.losses import text_loss
 from segearth_jax.models.lora import LoraConfig
 from segearth_jax.models.mllm import MLLM
@@ -109,3 +112,22 @@ def test_mipha_import_forward_export(tmp_path):
   for t in ("q_proj", "v_proj"):
     for ab in "ab":
       assert np.array_equal(p3["llm"]["layers"]["self_attn"][t]["lora"][ab], p2["llm"]["layers"]["self_attn"][t]["lora"][ab])
+
+
+def test_mipha_fields_flat_or_nested_rope_and_errors():
+  """Older configs keep the rotary settings flat, newer ones under rope_parameters: both are read. A missing
+  or ill-typed entry is a one-line UserError naming the key and the type expected."""
+  vt = dict(VISION, mm_vision_select_layer=-1)
+  base = dict(vocab_size=96, hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              vision_config=dict(vision_tower=vt))
+  flat = mipha.mipha_model_fields(dict(base, partial_rotary_factor=0.3, rope_theta=500))
+  nested = mipha.mipha_model_fields(dict(base, rope_parameters=dict(partial_rotary_factor=0.3, rope_theta=500.0)))
+  assert flat == nested
+  assert flat["llm"]["rope_theta"] == 500.0 and flat["llm"]["num_key_value_heads"] == 4
+  assert flat["vision"]["feature_layer"] == -1 and flat["vision"]["image_size"] == 42
+  for cfg, words in ((dict(base, vision_config={}), "'vision_config.vision_tower'"),
+                     (dict(base, hidden_size=40.0), "'hidden_size' is 40.0, expected int"),
+                     ({k: v for k, v in base.items() if k != "vocab_size"}, "no 'vocab_size'")):
+    with pytest.raises(UserError, match=re.escape(words)) as e:
+      mipha.mipha_model_fields(cfg)
+    assert "\n" not in str(e.value)

@@ -10,8 +10,10 @@ import tensorflow_datasets as tfds
 from segearth_jax import experiment, sharding
 from segearth_jax.data.batch import HOST_ONLY, device_part, dummy_batch, global_batch
 from segearth_jax.data.pipeline import make_dataset
-from segearth_jax.data.preprocess import Preprocessor, trim_to_bucket
+from segearth_jax.data import templates
+from segearth_jax.data.preprocess import Preprocessor, mask_grid_authors, trim_to_bucket
 from segearth_jax.data.tokenizer import image_token_id, seg_token_id, train_toy_tokenizer
+from segearth_jax.errors import UserError
 from tests import native_fixtures as nf
 from tfds_laserss.build import build
 
@@ -24,7 +26,7 @@ def setup(tmp_path_factory):
   records = nf.write_laserss_many(root / "src", n=N)
   build("laserss", root / "src", root / "tfds")
   c = experiment.base_config("tiny")
-  texts = [c.data.system, c.data.train_prompt, c.data.eval_prompt, "USER ASSISTANT"]
+  texts = [templates.PHI_SYSTEM, templates.TRAIN_PROMPT, templates.EVAL_PROMPT, "USER ASSISTANT"]
   texts += [r["description"] + " " + r["answer"] for s in records.values() for r in s.values()]
   tok = train_toy_tokenizer(texts, root / "tok", vocab_size=1024)
   c.data.data_dir = str(root / "tfds")
@@ -170,6 +172,25 @@ def test_seg_cap_counted(setup, caplog):
   assert over == 3 and pre.stats["seg_capped"] == over
   assert sum("capped" in r.message for r in caplog.records) == 1  # logged once, not per example
   assert all(o["seg_valid"].sum() <= 2 for o in outs)
+
+
+def test_authors_ls_grid(setup):
+  """loss.ls_target='authors': mask_grid is the authors' patch-centre grid of each target mask."""
+  from pycocotools import mask as mu
+  c, tok, records = setup
+  c = c.copy_and_resolve_references()
+  c.loss.ls_target = "authors"
+  src = tfds.data_source("laserss", split="train", data_dir=c.data.data_dir)
+  pre = Preprocessor(c, tok, train=True)
+  for i in range(4):
+    out = pre(src[i])
+    rec = records["train"][str(out["example_id"])]
+    for k in range(int(out["seg_valid"].sum())):
+      m = mu.decode({"size": rec["mask"][k]["size"], "counts": rec["mask"][k]["counts"].encode()})
+      np.testing.assert_array_equal(out["mask_grid"][k], mask_grid_authors(m, 2))
+  c.loss.ls_target = "everywhere"
+  with pytest.raises(UserError, match="ls_target"):
+    Preprocessor(c, tok, train=True)
 
 
 def test_text_cut_counted(setup):

@@ -1,4 +1,6 @@
 """Mask2Former pixel decoder vs transformers' Mask2FormerPixelDecoder; HF/detectron2 name maps (CPU, float32)."""
+import copy
+import dataclasses
 import pickle
 
 import flax.linen as nn
@@ -9,10 +11,13 @@ import pytest
 import torch
 from transformers import Mask2FormerConfig, Mask2FormerModel, SwinConfig
 
+from convert_fixtures import add_authors_fpn
+
 from segearth_jax import presets, sharding, tensor_io
 from segearth_jax.convert import name_map
 from segearth_jax.convert.pixel_decoder_map import (
-    HF_PREFIX, d2_pixel_decoder_to_hf, hf_pixel_decoder_to_d2, pixel_decoder_ignore, pixel_decoder_rules)
+    HF_PREFIX, d2_pixel_decoder_to_hf, hf_pixel_decoder_to_d2, pixel_decoder_ignore, pixel_decoder_rules,
+    with_fpn_biases)
 from segearth_jax.errors import UserError
 from segearth_jax.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
 
@@ -58,8 +63,8 @@ def case(request):
   return name, cfg, model, feats, sd
 
 
-def _to_ours(sd, prefix=BARE):
-  nm = name_map.NameMap(pixel_decoder_rules(prefix), pixel_decoder_ignore(prefix))
+def _to_ours(sd, prefix=BARE, fpn="mask2former"):
+  nm = name_map.NameMap(pixel_decoder_rules(prefix, fpn=fpn), pixel_decoder_ignore(prefix))
   return nm.to_ours(sd.keys(), sd.__getitem__)
 
 
@@ -92,6 +97,44 @@ def test_outputs_match_hf(case):
     ref = ref.permute(0, 2, 3, 1).numpy()
     assert got.shape == ref.shape
     assert np.abs(np.asarray(got) - ref).max() <= 1e-4, name
+
+
+def test_authors_fpn_matches_reference(case):
+  """fpn='authors' vs transformers' pixel decoder with the FPN conv biases (non-zero) and the lateral ReLU
+  added in the test (convert_fixtures.add_authors_fpn): every output <= 1e-4; the param tree is the
+  module's, and the default rules, which have no FPN bias, reject the biased checkpoint."""
+  name, cfg, model, feats, _ = case
+  ref = copy.deepcopy(model)
+  decoder = ref.pixel_level_module.decoder
+  add_authors_fpn(decoder, seed=3)
+  assert isinstance(decoder.adapter_1[-1], torch.nn.ReLU) and decoder.layer_1[0].bias.abs().min() > 0
+  with torch.no_grad():
+    want = decoder([torch.tensor(f).permute(0, 3, 1, 2) for f in feats])
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items() if k.startswith(BARE)}
+  assert BARE + "adapter_1.0.bias" in sd and BARE + "layer_1.0.bias" in sd
+  params = _to_ours(sd, fpn="authors")
+  pc = dataclasses.replace(PixelDecoderConfig.from_hf(cfg), fpn="authors")
+  mod = PixelDecoder(pc)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(mod.init(jax.random.key(0), feats)["params"]))
+  assert {k: v.shape for k, v in tensor_io.flatten(params).items()} == \
+      {k: v.shape for k, v in tensor_io.flatten(abstract).items()}
+  mask, multi = jax.jit(mod.apply)({"params": params}, feats)
+  for got, r in [(mask, want.mask_features)] + list(zip(multi, want.multi_scale_features)):
+    assert np.abs(np.asarray(got) - r.permute(0, 2, 3, 1).numpy()).max() <= 1e-4, name
+  # the variant matters: the same params without the lateral ReLU (and biases) give other mask features
+  plain = {k: v.numpy() for k, v in model.state_dict().items() if k.startswith(BARE)}
+  other, _ = jax.jit(PixelDecoder(PixelDecoderConfig.from_hf(cfg)).apply)({"params": _to_ours(plain)}, feats)
+  assert np.abs(np.asarray(other) - np.asarray(mask)).max() > 1e-2
+  with pytest.raises(UserError, match=r"adapter_1\.0\.bias|layer_1\.0\.bias"):
+    _to_ours(sd)
+  # a bias-free (transformers / detectron2) import made 'authors': zero biases, the module's tree
+  zero = with_fpn_biases(_to_ours(plain), "authors")
+  assert {k: v.shape for k, v in tensor_io.flatten(zero).items()} == \
+      {k: v.shape for k, v in tensor_io.flatten(abstract).items()}
+  assert all(np.all(zero[n]["conv"]["bias"] == 0) for n in ("adapter_1", "layer_1"))
+  assert with_fpn_biases(_to_ours(plain), "mask2former").keys() == _to_ours(plain).keys()
+  with pytest.raises(UserError, match="fpn"):
+    PixelDecoderConfig(feature_channels=(32, 64, 128, 256), fpn="detectron2")
 
 
 def test_param_tree_matches_init(case):

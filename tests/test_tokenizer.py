@@ -78,3 +78,25 @@ def test_phi2_like_folder_gets_seg_added(tmp_path):
 def test_missing_folder_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="nope"):
     tk.load_tokenizer(tmp_path / "nope")
+
+
+def test_folder_without_tokenizer_files_is_a_one_line_error(tmp_path):
+  """Not transformers' sentencepiece/tiktoken message: the folder and the files it needs."""
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(UserError) as e:
+    tk.load_tokenizer(tmp_path)
+  msg = str(e.value)
+  assert "\n" not in msg and str(tmp_path) in msg and "sentencepiece" not in msg, msg
+  for name in ("tokenizer.json", "vocab.json + merges.txt", "tokenizer_config.json"):
+    assert name in msg, msg
+
+
+def test_unreadable_tokenizer_file_is_a_one_line_error(toy, tmp_path):
+  out, _ = toy
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (tmp_path / name).write_bytes((out / name).read_bytes())
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  with pytest.raises(UserError) as e:
+    tk.load_tokenizer(tmp_path)
+  msg = str(e.value)
+  assert "\n" not in msg and str(tmp_path) in msg and "tokenizer.json" in msg, msg

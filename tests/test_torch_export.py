@@ -13,12 +13,13 @@ from segearth_jax.convert.torch_model import SegEarthR2Torch
 from segearth_jax.data.batch import device_part
 from segearth_jax.data.preprocess import trim_to_bucket
 from segearth_jax.data.tokenizer import seg_token_id, train_toy_tokenizer
-from segearth_jax.experiment import EVAL_PROMPT, PHI_SYSTEM
+from segearth_jax.data.templates import EVAL_PROMPT, PHI_SYSTEM
+from segearth_jax.experiment import apply_decoding
 from segearth_jax.generate import generate
 from segearth_jax.model_setup import ModelSetup
 from segearth_jax.models.mllm import make_llm
 from segearth_jax.predict import Predictor
-from segearth_jax.weights import load_params, save_weights
+from segearth_jax.weights import load_params, load_run_config, save_weights
 
 INSTRUCTION = "segment the ships near the harbour"
 MAX_NEW = 6
@@ -148,3 +149,44 @@ def test_merged_lora_export_matches_adapter(exported, tmp_path):
   ra, rb = a.segment(image, INSTRUCTION), b.segment(image, INSTRUCTION)
   assert ra["tokens"] == rb["tokens"]
   np.testing.assert_allclose(ra["logits"], rb["logits"], atol=1e-4)
+
+
+def test_authors_decoding_without_seg_cap_matches_segment(exported):
+  """The authors' decoding (sampled: temperature 0.2, top-k 50; no [SEG] cap) in JAX predict and in
+  segment. The steered model's [SEG] A [SEG] A ... is so peaked that both samplers follow it, so tokens and
+  masks agree; MAX_NEW tokens hold 3 [SEG], more than model.max_seg (2), and all 3 get masks."""
+  config = load_run_config(exported["W"])
+  apply_decoding(config, "authors")
+  config.infer.max_new_tokens = MAX_NEW
+  pred = Predictor.load(exported["W"], config)
+  image = np.random.default_rng(3).integers(0, 255, size=(48, 40, 3), dtype=np.uint8)
+  ours = pred(image, INSTRUCTION)
+  model = SegEarthR2Torch.from_pretrained(exported["out"])
+  options = dict(temperature=0.2, top_k=50, top_p=1.0, seed=0, max_seg=0)
+  theirs = model.segment(image, INSTRUCTION, **options)
+  seg, a = exported["seg"], exported["a"]
+  assert ours["tokens"] == theirs["tokens"] == [seg, a] * (MAX_NEW // 2)
+  max_seg = exported["config"].model.max_seg
+  assert len(ours["masks"]) == len(theirs["masks"]) == MAX_NEW // 2 > max_seg
+  for m_ours, m_theirs in zip(ours["masks"], theirs["masks"]):
+    union = np.logical_or(m_ours, m_theirs).sum()
+    assert (np.logical_and(m_ours, m_theirs).sum() / union if union else 1.0) >= 0.999
+  # the arrays evaluation reads carry K_gen = max_new_tokens [SEG] slots
+  ex = pred.pre(dict(id="x", image=image, masks=[], answer="", instruction=INSTRUCTION))
+  batch = device_part(trim_to_bucket({k: np.asarray(v)[None] for k, v in ex.items()}, pred.pre.buckets))
+  out = pred.fn(pred.params, batch, pred.rng)
+  assert out["seg_valid"].shape == (1, MAX_NEW) and out["masks"].shape[:2] == (1, MAX_NEW)
+  assert int(out["seg_valid"].sum()) == MAX_NEW // 2
+  # the default cap is model.max_seg: the same answer keeps 2 masks
+  assert len(model.segment(image, INSTRUCTION, **dict(options, max_seg=-1))["masks"]) == max_seg
+
+  # segment's sampler: top-k 1 is greedy at any temperature; a flat distribution samples inside the top-k,
+  # differently per seed and the same for one seed
+  greedy = model.segment(image, INSTRUCTION)["tokens"]
+  assert model.segment(image, INSTRUCTION, temperature=1000.0, top_k=1, seed=4)["tokens"] == greedy
+  flat = dict(temperature=1000.0, top_k=5)
+  r1, r1b, r2 = (model.segment(image, INSTRUCTION, seed=s, **flat) for s in (1, 1, 2))
+  assert r1["tokens"] == r1b["tokens"] and r1["tokens"] != r2["tokens"]
+  for r in (r1, r2):
+    fifth = np.sort(r["logits"], -1)[:, -5]
+    assert (r["logits"][np.arange(len(r["tokens"])), r["tokens"]] >= fifth).all()

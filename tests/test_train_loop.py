@@ -273,3 +273,30 @@ def test_predict_overrides_apply_to_the_stored_config(toy_dataset, reference_run
   rc = cli.main(["predict", "--workdir", reference_run["workdir"], "--image", img, "--instruction", "x",
                  "--out", str(tmp_path / "o"), "--config.infer.nosuch=1"])
   assert rc == 2 and not (tmp_path / "o").exists()
+
+
+def test_eval_with_the_authors_protocol_records_it(toy_dataset, reference_run, tmp_path):
+  """`segearth eval --config experiments/authors_eval.py:toy` on the toy run: their prompt, sampling,
+  float32 and GT resize; the JSON says so. Then teacher-forced: masks of the reference answer."""
+  wd = reference_run["workdir"]
+  data = [f"--config.data.data_dir={toy_dataset['data_dir']}", f"--config.data.tokenizer={toy_dataset['tokenizer']}",
+          *TINY_OVERRIDES[:7], "--config.data.text_buckets=(384,)", "--config.data.max_len=384",
+          "--config.infer.max_new_tokens=12", "--config.train.batch_size=8"]
+  for variant in ("toy", "toy,teacher_forced"):
+    r = subprocess.run([sys.executable, "-m", "segearth_jax", "eval", "--config",
+                        os.path.join(REPO, "experiments", f"authors_eval.py:{variant}"), "--workdir", wd,
+                        "--split", "test", *data], env=_env(1), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(open(os.path.join(wd, "eval", "test.json")).read())
+    p = result["protocol"]
+    assert p["dtype"] == "float32" and p["gt_resize"] == "authors" and p["seed"] == 0
+    assert p["prompt"]["eval_template"] == "authors_eval" and p["prompt"]["strip_instruction"] is True
+    assert "Protocol: GT authors, float32" in r.stdout
+    if variant == "toy":
+      assert p["teacher_forced"] is False
+      assert p["decoding"]["temperature"] == 0.2 and p["decoding"]["top_k"] == 50 and p["decoding"]["max_seg"] == 0
+    else:
+      assert p["teacher_forced"] is True and p["decoding"] is None
+      # every target with a [SEG] in the reference gets exactly its mask slot
+      assert all(x["n_pred"] == min(x["n_gt"], 2) for x in result["records"]), result["records"][:3]
+    assert result["overall"]["units"] == sum(x["n_gt"] for x in result["records"]) > 0

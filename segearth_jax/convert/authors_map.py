@@ -12,8 +12,12 @@ msdeformattn.py and transformer_decoder/mask2former_transformer_decoder.py of th
   model.mm_projector.{0,2}.{weight,bias}  -> projector/fc1, fc2   (mlp2x_gelu)
   model.embed_tokens / model.layers.{i}.* / model.final_layernorm.*  -> llm/*   (Phi-2, as Mipha)
   lm_head.weight                          -> llm/lm_head/kernel
-      their lm_head is nn.Linear(hidden, 51200, bias=False) (resized to the tokenizer), unlike Mipha's:
-      our lm_head/bias is set to ZERO, which computes the same logits
+      their lm_head is nn.Linear(hidden, 51200, bias=False), unlike Mipha's: our lm_head/bias is set to
+      ZERO, which computes the same logits. It is never resized, while resize_token_embeddings gives
+      model.embed_tokens len(tokenizer) rows (Phi-2's tokenizer + [SEG], ~50.3k): ours has one vocab for
+      both, so the embedding is padded up to the head's rows (transformers' mean init; those ids are
+      never fed to their model), and both grow only when our tokenizer (theirs + `<image>`) or the
+      config's vocab needs more rows than the head has
   SEG_token_projector.{weight,bias}       -> seg_projector/{kernel,bias}
   model.vision_tower_mask.*               -> mask_head/swin/*   Swin in the original Swin / detectron2
       naming (patch_embed, layers.{s}.blocks.{j}.attn.qkv, norm{s}, ...), i.e. detectron2's `backbone.*`
@@ -22,10 +26,10 @@ msdeformattn.py and transformer_decoder/mask2former_transformer_decoder.py of th
       `sem_seg_head.pixel_decoder.*` names except the FPN convs, which their code builds as
       Sequential(Conv2d, GroupNorm, ReLU): `adapter_{k}.0.weight` / `adapter_{k}.1.{weight,bias}` (same
       for `layer_{k}`); renamed back to detectron2's `adapter_{k}.weight` / `adapter_{k}.norm.*`. Their
-      Conv2d there has a bias (`adapter_{k}.0.bias`, `layer_{k}.0.bias`, zero-initialised because the
-      detectron2 weights they start from have none); ours (like detectron2 and transformers) has no conv
-      bias before the GroupNorm, so an all-zero bias is dropped and a non-zero one is an error (it cannot
-      be folded through GroupNorm) unless ``drop_fpn_bias=True``
+      Conv2d there has a bias (`adapter_{k}.0.bias`, `layer_{k}.0.bias`, zero at the start because the
+      detectron2 weights have none, then trained) and the lateral path ends in a ReLU: that is our
+      pixel decoder's fpn='authors' variant, which every import from their checkpoint gets (the
+      biases -> pixel_decoder/{adapter,layer}_{k}/conv/bias; ``authors_config``)
   predictor.*                             -> mask_head/mask_decoder/*   detectron2's
       `sem_seg_head.predictor.*` (MultiScaleMaskedTransformerDecoder) names, sent through
       mask_decoder_map.d2_mask_decoder_to_hf. Their decoder adds tensors that SegEarth-R2 inference never
@@ -53,6 +57,7 @@ torch.load(weights_only=True); an in-memory dict of torch / numpy tensors). Tens
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -64,6 +69,7 @@ from segearth_jax.convert import name_map as nm
 from segearth_jax.convert.checkpoint import DEFAULT_CONFIG, lora_layout, new_lora_params
 from segearth_jax.convert.mask2former import import_mask2former
 from segearth_jax.convert.phi_map import ROTARY_BUFFERS, lora_rules, phi_rules, resize_token_embeddings
+from segearth_jax.convert.pixel_decoder_map import fpn_conv_names, with_fpn_biases
 from segearth_jax.convert.siglip_map import projector_rules, siglip_ignore, siglip_rules
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
@@ -110,10 +116,11 @@ def authors_name_map(*, scan_layers: bool = True, lora_targets=()) -> nm.NameMap
   return nm.NameMap(rules, ignore=(*siglip_ignore(VISION_PREFIX), ROTARY_BUFFERS))
 
 
-def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[dict, dict]:
-  """Authors' Swin / pixel decoder / predictor tensors -> detectron2 Mask2Former keys (numpy), and the
-  map d2 key -> authors' key (for error messages)."""
-  d2, back = {}, {}
+def authors_mask_head_to_d2(keys, get) -> tuple[dict, dict, dict]:
+  """Authors' Swin / pixel decoder / predictor tensors -> detectron2 Mask2Former keys (numpy), the map
+  d2 key -> authors' key (for error messages), and the FPN conv biases detectron2 has no key for
+  ({'adapter_1': bias, 'layer_1': bias})."""
+  d2, back, fpn_biases = {}, {}, {}
   for k in keys:
     if k.startswith(SWIN_PREFIX):
       new = "backbone." + k[len(SWIN_PREFIX):]
@@ -123,11 +130,7 @@ def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[
       if m:
         name, idx, sub, kind = m.groups()
         if sub == "0" and kind == "bias":
-          b = get(k)
-          if np.any(b != 0) and not drop_fpn_bias:
-            raise UserError(f"{k}: a non-zero conv bias (max |b| = {float(np.max(np.abs(b))):.3g}); our pixel "
-                            f"decoder, like detectron2's and transformers', has no bias before this GroupNorm. "
-                            f"Pass drop_fpn_bias=True to drop it (outputs then differ slightly)")
+          fpn_biases[f"{name}_{idx}"] = get(k)
           continue
         rel = f"{name}_{idx}.weight" if sub == "0" else f"{name}_{idx}.norm.{kind}"
       new = "sem_seg_head.pixel_decoder." + rel
@@ -140,30 +143,46 @@ def authors_mask_head_to_d2(keys, get, *, drop_fpn_bias: bool = False) -> tuple[
       continue
     d2[new] = get(k)
     back[new] = k
-  return d2, back
+  return d2, back, fpn_biases
 
 
-def _mask_head(keys, get, where: str, *, scan_layers: bool, drop_fpn_bias: bool, dtype) -> dict:
+def _mask_head(keys, get, where: str, *, scan_layers: bool, dtype) -> dict:
   for part, px in (("Swin", SWIN_PREFIX), ("pixel decoder", PIXEL_DECODER_PREFIX), ("predictor", PREDICTOR_PREFIX)):
     if not any(k.startswith(px) for k in keys):
       raise UserError(f"{where}: no {part} tensors ({px}*): not a SegEarth-R2 checkpoint with its mask modules")
   back = {}
   try:
-    d2, back = authors_mask_head_to_d2(keys, get, drop_fpn_bias=drop_fpn_bias)
-    return import_mask2former(Checkpoint(list(d2), d2.__getitem__, where, "detectron2"), scan_layers=scan_layers,
+    d2, back, fpn_biases = authors_mask_head_to_d2(keys, get)
+    head = import_mask2former(Checkpoint(list(d2), d2.__getitem__, where, "detectron2"), scan_layers=scan_layers,
                               dtype=dtype)
   except UserError as e:
     msg = str(e)
     for d2k, ak in back.items():  # name the authors' key, not our intermediate detectron2 one
       msg = msg.replace(repr(d2k), repr(ak))
     raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from e
+  pd = head["pixel_decoder"]
+  names = fpn_conv_names(pd)
+  missing = [n for n in names if n not in fpn_biases]
+  if missing:
+    raise UserError(f"{where}: no tensor {PIXEL_DECODER_PREFIX}{missing[0]}.0.bias (their FPN convs have a bias)")
+  extra = sorted(set(fpn_biases) - set(names))
+  if extra:
+    raise UserError(f"{where}: {PIXEL_DECODER_PREFIX}{extra[0]}.0.bias belongs to no FPN conv (have {names})")
+  for n in names:
+    want = np.shape(pd[n]["conv"]["kernel"])[-1:]
+    if np.shape(fpn_biases[n]) != want:
+      raise UserError(f"{where}: {PIXEL_DECODER_PREFIX}{n}.0.bias has shape {np.shape(fpn_biases[n])}, "
+                      f"expected {want}")
+  head["pixel_decoder"] = with_fpn_biases(pd, "authors", {n: np.asarray(b, dtype) for n, b in fpn_biases.items()})
+  return head
 
 
 # ------------------------------------------------------------------------------------ import
-def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32, drop_fpn_bias: bool = False) -> dict:
+def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32) -> dict:
   """The authors' checkpoint (folder, file, or state dict) -> our nested params (numpy):
   {'vision', 'projector', 'llm' (+ 'lora' children when the source is PEFT-wrapped), 'seg_projector',
-  'mask_head': {'swin', 'pixel_decoder', 'mask_decoder'}}. llm/lm_head/bias is zeros (theirs has none)."""
+  'mask_head': {'swin', 'pixel_decoder' (fpn='authors': with the FPN conv biases), 'mask_decoder'}}.
+  llm/lm_head/bias is zeros (theirs has none); the embedding keeps its rows (see import_authors_checkpoint)."""
   ckpt = open_checkpoint(src)
   where = ckpt.where
   norm = {}
@@ -183,24 +202,34 @@ def authors_to_ours(src, *, scan_layers: bool = True, dtype=np.float32, drop_fpn
     params = names.to_ours(rest, nget, dtype=dtype, where=where)
   except nm.ConversionError as e:
     raise nm.ConversionError(f"{e} (the authors' key map is in segearth_jax/convert/authors_map.py)") from e
-  params["mask_head"] = _mask_head(mask_keys, nget, where, scan_layers=scan_layers, drop_fpn_bias=drop_fpn_bias,
-                                   dtype=dtype)
+  params["mask_head"] = _mask_head(mask_keys, nget, where, scan_layers=scan_layers, dtype=dtype)
   llm = params["llm"]
   k = llm["lm_head"]["kernel"]
   llm["lm_head"]["bias"] = np.zeros((k.shape[-1],), k.dtype)
   return params
 
 
-def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, seed: int = 0,
-                              drop_fpn_bias: bool = False) -> dict:
-  """The authors' checkpoint -> params shaped as the model of ``config`` (the experiment ConfigDict).
+def authors_config(config):
+  """A copy of the experiment ConfigDict ``config`` for a model from the authors' checkpoint: their pixel
+  decoder FPN (model.pixel_decoder.fpn='authors'), which their weights need whatever the config says."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.pixel_decoder.fpn = "authors"
+  return config
 
-  ``vocab_size``: the tokenizer length (default: the checkpoint's embedding rows; rows the config's vocab
-  padding adds are initialised as from-hf does, transformers' mean resizing). LoRA: a PEFT-wrapped source
-  keeps its A/B (its rank and targets must match config.model.lora); a merged one gets fresh LoRA children
-  (B = 0) when the config asks for LoRA. Raises UserError naming the key or the shape that does not fit."""
+
+def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, seed: int = 0) -> dict:
+  """The authors' checkpoint -> params shaped as the model of ``authors_config(config)``.
+
+  Vocab: their embedding has fewer rows than their LM head (see the module docstring); it is padded up
+  to the head, and both grow only to fit ``vocab_size`` (the tokenizer length, `<image>` included) or the
+  config's vocab, rounded up as from-hf does (new rows: transformers' mean resizing); a head that is large
+  enough is never grown. LoRA: a PEFT-wrapped source keeps its A/B (its rank and targets must match
+  config.model.lora); a merged one gets fresh LoRA children (B = 0) when the config asks for LoRA.
+  Raises UserError naming the key or the shape that does not fit."""
+  config = authors_config(config)
   m = config.model
-  params = authors_to_ours(path, scan_layers=bool(m.scan_layers), drop_fpn_bias=drop_fpn_bias)
+  params = authors_to_ours(path, scan_layers=bool(m.scan_layers))
   what = f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else '(state dict)'}"
   llm = params["llm"]
   try:
@@ -217,19 +246,41 @@ def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, se
   elif want:
     params["llm"] = new_lora_params(llm, LoraConfig.from_dict(m.lora), np.random.default_rng(seed))
   rows = int(np.shape(llm["embed_tokens"]["embedding"])[0])
-  setup = ModelSetup.create(config, shd.single_device_mesh(), rows if vocab_size is None else int(vocab_size))
+  head = int(np.shape(llm["lm_head"]["kernel"])[-1])
+  if rows > head:
+    raise UserError(f"{what}: model.embed_tokens.weight has {rows} rows but lm_head.weight only {head}; "
+                    f"expected an LM head at least as large as the embedding")
+  want_rows = head if vocab_size is None else max(head, int(vocab_size))
+  setup = ModelSetup.create(config, shd.single_device_mesh(), want_rows)
   padded = setup.model.config.llm.vocab_size
-  if rows < padded:  # the config pads the vocab (even sharding) or the tokenizer grew: grow as from-hf does
+  if rows < head:
+    params["llm"] = _pad_embedding(params["llm"], head, seed)
+  if head < padded:  # the tokenizer or the config's vocab needs more rows: grow both as from-hf does
     params["llm"] = resize_token_embeddings(params["llm"], padded, pad_to_multiple_of=None, seed=seed)
   check_params(flatten(params), setup.abstract_params, what)
   return params
 
 
+def _pad_embedding(llm: dict, rows: int, seed: int) -> dict:
+  """The embedding grown to ``rows`` as transformers' mean resizing does; the LM head is kept as it is
+  (resize_token_embeddings grows a head of the embedding's size alongside, which is dropped here)."""
+  n = int(np.shape(llm["embed_tokens"]["embedding"])[0])
+  head = llm["lm_head"]
+  grown = resize_token_embeddings(dict(embed_tokens=llm["embed_tokens"],
+                                       lm_head=dict(kernel=np.asarray(head["kernel"])[:, :n],
+                                                    bias=np.asarray(head["bias"])[:n])),
+                                  rows, pad_to_multiple_of=None, seed=seed)
+  return dict(llm, embed_tokens=grown["embed_tokens"])
+
+
 def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
   """The authors' checkpoint -> a weights folder W (`segearth convert from-authors --checkpoint SRC
-  --out W`; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer). Returns the params."""
+  --out W`; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer; W's config is ``authors_config``'s,
+  with the vocab rows W holds). Returns the params."""
+  config = authors_config(config)
   params = import_authors_checkpoint(src, config, vocab_size=len(tokenizer) if tokenizer is not None else None,
                                      seed=seed)
+  config.model.llm.vocab_size = int(np.shape(params["llm"]["embed_tokens"]["embedding"])[0])   # the rows W holds
   save_weights(params, config, out_dir, tokenizer, note=dict(authors_checkpoint=os.path.abspath(src), seed=seed))
   return params
 

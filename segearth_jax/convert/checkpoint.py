@@ -18,18 +18,19 @@ import json
 import os
 import re
 import shutil
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from segearth_jax import sharding as shd
-from segearth_jax.config import load_config
+from segearth_jax.config import apply_overrides, load_config
 from segearth_jax.convert import name_map as nm
-from segearth_jax.convert.mask2former import import_mask2former, mask2former_hf_config, unused_swin_norm
+from segearth_jax.convert.mask2former import (import_mask2former, mask2former_hf_config, mask2former_model_fields,
+                                              unused_swin_norm)
 from segearth_jax.convert.mask_decoder_map import export_unused, mask_decoder_ignore, mask_decoder_rules
-from segearth_jax.convert.mipha import import_mipha, model_config_from_mipha
+from segearth_jax.convert.mipha import import_mipha, mipha_model_fields
 from segearth_jax.convert.phi_map import ROTARY_BUFFERS, phi_rules, resize_token_embeddings, write_peft_adapter
-from segearth_jax.convert.pixel_decoder_map import pixel_decoder_rules
+from segearth_jax.convert.pixel_decoder_map import pixel_decoder_rules, with_fpn_biases
 from segearth_jax.convert.siglip_map import projector_rules, siglip_hf_config, siglip_ignore, siglip_rules
 from segearth_jax.convert.swin_map import swin_ignore, swin_rules
 from segearth_jax.data.tokenizer import image_token_id, load_tokenizer, seg_token_id
@@ -87,54 +88,40 @@ def lora_layout(llm: Mapping) -> tuple[int | None, list[str]]:
   return (ranks.pop() if ranks else None), targets
 
 
-def _swin_depths(swin: Mapping) -> tuple[int, ...]:
-  stages = sorted((k for k in swin if re.fullmatch(r"stage\d+", k)), key=lambda k: int(k[5:]))
-  depths = []
-  for s in stages:
-    names = _layer_names(swin[s], "blocks")
-    depths.append(int(np.shape(swin[s]["blocks"]["fc1"]["kernel"])[0]) if names == ["blocks"] else len(names))
-  return tuple(depths)
-
-
-def _size_overrides(model_cfg, hf_model_cfg, m2f_params) -> list[str]:
-  """`--config.model....=v` flags that make the config match the checkpoints (empty when it does)."""
-  flags = []
-  for part in ("vision", "llm"):
-    for k, v in hf_model_cfg[part].items():
-      if k in model_cfg[part] and k not in ("vocab_size",) and model_cfg[part][k] != v:
-        flags.append(f"--config.model.{part}.{k}={v!r}")
-  if hf_model_cfg.llm.vocab_size > model_cfg.llm.vocab_size:
-    flags.append(f"--config.model.llm.vocab_size={hf_model_cfg.llm.vocab_size}")
-  sw = m2f_params["swin"]
-  embed = int(sw["patch_norm"]["scale"].shape[0])
-  if embed != model_cfg.swin.embed_dim:
-    flags.append(f"--config.model.swin.embed_dim={embed}")
-  depths = _swin_depths(sw)
-  if depths != tuple(model_cfg.swin.depths):
-    flags.append(f"--config.model.swin.depths={depths}")
-  pd = m2f_params["pixel_decoder"]
-  n_enc = int(np.shape(pd["encoder"]["fc1"]["kernel"])[0])
-  if n_enc != model_cfg.pixel_decoder.encoder_layers:
-    flags.append(f"--config.model.pixel_decoder.encoder_layers={n_enc}")
-  n_dec = sum(k.startswith("layers_") for k in m2f_params["mask_decoder"])
-  if n_dec != model_cfg.mask_decoder.num_layers:
-    flags.append(f"--config.model.mask_decoder.num_layers={n_dec}")
-  return flags
-
-
 # ------------------------------------------------------------------------------------ from-hf
-def from_hf(mipha_dir: str, mask2former: str, out_dir: str, config, *, seed: int = 0) -> dict:
-  """Mipha (SigLIP + projector + Phi-2) + Mask2Former -> a weights folder. Returns the params."""
-  if not os.path.isfile(os.path.join(mipha_dir, "config.json")):
-    raise UserError(f"{mipha_dir}: no config.json (expected a Mipha/LLaVA-Phi folder)")
-  m = config.model
-  scan = bool(m.scan_layers)
-  mask_head = import_mask2former(mask2former, scan_layers=scan)  # read first: a bad .pkl fails before the rest
-  hf_cfg = model_config_from_mipha(mipha_dir, m)
+def checkpoint_config(config, fields: Mapping, overrides: Sequence[str] = ()):
+  """A copy of the experiment ``config`` whose model takes ``fields`` ({part: {field: value}}, the shapes a
+  checkpoint fixes: mipha_model_fields, mask2former_model_fields), then ``overrides`` (``--config.a.b=v``),
+  which win over both."""
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model.update(dict(fields))
+  apply_overrides(out, overrides)
+  return out
+
+
+def from_hf(mipha_dir: str, mask2former: str, out_dir: str, config, *, overrides: Sequence[str] = (),
+            seed: int | None = None) -> dict:
+  """Mipha (SigLIP + projector + Phi-2) + Mask2Former -> a weights folder W. Returns the params.
+
+  The model's shapes come from the checkpoints, not from ``config``: Mipha's config.json (vision tower, Phi)
+  and the Mask2Former's config.json or, where it has none (a detectron2 .pkl), its tensors; ``overrides``
+  (``--config.a.b=v``) apply on top. W/config.json stores the result, so W loads with no flags. ``seed``
+  (default config.train.seed): LoRA A, the [SEG] projector and the vocab rows the tokenizer adds."""
+  if not os.path.isdir(mipha_dir):
+    raise UserError(f"{mipha_dir}: no such folder (expected a Mipha/LLaVA-Phi folder: config.json, "
+                    f"safetensors, tokenizer files)")
+  mipha_fields = mipha_model_fields(mipha_dir)   # a bad config.json or tokenizer fails before any tensor is read
   tok = load_tokenizer(mipha_dir)
-  flags = _size_overrides(m, hf_cfg, mask_head)
-  if flags:
-    raise UserError("the checkpoints do not match the config's model; rerun with: " + " ".join(flags))
+  probe = checkpoint_config(config, {}, overrides)
+  scan = bool(probe.model.scan_layers)
+  mask_head = import_mask2former(mask2former, scan_layers=scan)
+  config = checkpoint_config(config, {**mipha_fields, **mask2former_model_fields(mask2former, mask_head, probe.model)},
+                             overrides)
+  m = config.model
+  seed = int(config.train.seed) if seed is None else int(seed)
+  # the 'authors' FPN starts its conv biases at zero, as the authors do from the bias-free detectron2 weights
+  mask_head["pixel_decoder"] = with_fpn_biases(mask_head["pixel_decoder"], m.pixel_decoder.fpn)
   setup = ModelSetup.create(config, shd.single_device_mesh(), len(tok))
   params = import_mipha(mipha_dir, scan_layers=scan)
   params["mask_head"] = mask_head
@@ -143,6 +130,7 @@ def from_hf(mipha_dir: str, mask2former: str, out_dir: str, config, *, seed: int
   vocab = setup.model.config.llm.vocab_size
   if llm["embed_tokens"]["embedding"].shape[0] != vocab:  # the tokenizer outgrew the vocab: grow as HF does
     llm = resize_token_embeddings(llm, vocab, pad_to_multiple_of=None, seed=seed)
+  m.llm.vocab_size = vocab   # W/config.json: the rows W holds
   if m.lora.rank:
     llm = new_lora_params(llm, LoraConfig.from_dict(m.lora), rng)
   params["llm"] = llm
@@ -157,8 +145,9 @@ def from_hf(mipha_dir: str, mask2former: str, out_dir: str, config, *, seed: int
 
 
 def from_hf_cli(args) -> int:
-  config = load_config(args.config or DEFAULT_CONFIG, getattr(args, "overrides", None) or [])
-  from_hf(args.mipha, args.mask2former, args.out, config, seed=int(config.train.seed))
+  """`segearth convert from-hf --mipha DIR --mask2former SRC --out W [--config CFG] [--config.a.b=v ...]`."""
+  config = load_config(args.config or DEFAULT_CONFIG)
+  from_hf(args.mipha, args.mask2former, args.out, config, overrides=getattr(args, "overrides", None) or [])
   print(f"written: {args.out} (use --weights {args.out} or --config.train.init_from={args.out})")
   return 0
 
@@ -168,12 +157,13 @@ def torch_name_map(model_cfg, *, input_projections: bool) -> nm.NameMap:
   """Our params (LoRA split off) <-> `SegEarthR2Torch.state_dict()` keys (module layout)."""
   mh = "mask_head."
   scan = bool(model_cfg.scan_layers)
+  fpn = ModelConfig.from_dict(model_cfg).pixel_decoder.fpn
   rules = [*siglip_rules("vision_tower.", "vision/", scan_layers=scan),
            *projector_rules("projector.", "projector/"),
            *phi_rules("llm.model.", "llm.lm_head.", ours="llm/", scan_layers=scan),
            *nm.rules("", "", nm.linear("seg_projector", "seg_projector")),
            *swin_rules(f"{mh}pixel_level_module.encoder.", "mask_head/swin/", legacy=False, scan_layers=scan),
-           *pixel_decoder_rules(f"{mh}pixel_level_module.decoder.", "mask_head/pixel_decoder/"),
+           *pixel_decoder_rules(f"{mh}pixel_level_module.decoder.", "mask_head/pixel_decoder/", fpn=fpn),
            *mask_decoder_rules(f"{mh}transformer_module.", "mask_head/mask_decoder/",
                                input_projections=input_projections,
                                mask_embed_layers=int(model_cfg.mask_decoder.mask_embed_layers))]
@@ -194,7 +184,7 @@ def torch_config_dict(config, params: Mapping, tokenizer, *, lora: dict | None) 
       projector_hidden_act=m.projector_hidden_act, text_config=text,
       mask2former_config=mask2former_hf_config(m.swin, m.pixel_decoder, m.mask_decoder,
                                                num_queries=EXPORT_NUM_QUERIES),
-      mask_decoder_heads=m.mask_decoder.num_attention_heads,
+      mask_decoder_heads=m.mask_decoder.num_attention_heads, pixel_decoder_fpn=m.pixel_decoder.fpn,
       seg_token_id=seg_token_id(tokenizer), image_token_id=image_token_id(tokenizer),
       eos_token_id=tokenizer.eos_token_id, max_seg=m.max_seg, lora=lora,
       segearth_config=json.loads(config.to_json_best_effort()))

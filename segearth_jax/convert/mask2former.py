@@ -7,7 +7,8 @@ transformers classes: ``Mask2FormerModel`` (keys ``pixel_level_module.*``, ``tra
 Mask2Former (read by tensor_io.load_d2_pickle, which refuses a pickle that would run code) is first
 renamed to HF keys (d2_swin_to_hf, d2_pixel_decoder_to_hf, d2_mask_decoder_to_hf; its class head dropped),
 then goes through the same map. ``mask2former_hf_config`` is the one writer of a Mask2FormerConfig from
-our part configs (to-torch uses it).
+our part configs (to-torch uses it); ``mask2former_model_fields`` reads the other way, the part configs a
+checkpoint fixes (from its config.json, or from its tensors where it has none, as a detectron2 .pkl).
 
 Unused by SegEarth-R2 and ignored on import: the learned queries ``queries_features`` / ``queries_embedder``
 (the queries come from [SEG] tokens with zero position), ``class_predictor``, ``criterion``. Export writes
@@ -24,6 +25,7 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from transformers import Mask2FormerConfig
 
 from segearth_jax.convert.mask_decoder_map import (d2_mask_decoder_to_hf, export_unused, mask_decoder_ignore,
                                                    mask_decoder_rules)
@@ -31,6 +33,7 @@ from segearth_jax.convert.name_map import ConversionError, NameMap, plain_params
 from segearth_jax.convert.pixel_decoder_map import (d2_pixel_decoder_to_hf, pixel_decoder_ignore,
                                                     pixel_decoder_rules)
 from segearth_jax.convert.swin_map import d2_swin_to_hf, swin_hf_config, swin_ignore, swin_layout, swin_rules
+from segearth_jax.errors import UserError
 from segearth_jax.models.mask_decoder import MaskDecoderConfig
 from segearth_jax.models.pixel_decoder import PixelDecoderConfig
 from segearth_jax.models.swin import SwinConfig
@@ -101,6 +104,139 @@ def import_mask2former(src, *, scan_layers: bool = True, dtype=None) -> dict:
       k.startswith(px["mask_decoder"] + "input_projections.") for k in keys),
       legacy=lay["legacy"], body=lay["body"], stage_norms=lay["stage_norms"], scan_layers=scan_layers)
   return names.to_ours(keys, get, dtype=dtype, where=where)
+
+
+# ------------------------------------------------------------------------------- model config fields
+# (our field, its Mask2FormerConfig key, type) per part. swin.image_size (the canvas the Swin reads) is the
+# experiment's choice: no weight depends on it.
+_HF_FIELDS = {
+    "swin": [(f, "backbone_config." + f, t) for f, t in (
+        ("patch_size", int), ("embed_dim", int), ("depths", tuple), ("num_heads", tuple), ("window_size", int),
+        ("mlp_ratio", float), ("layer_norm_eps", float), ("hidden_act", str))],
+    "pixel_decoder": [(f, f, int) for f in ("feature_size", "mask_feature_size", "encoder_layers",
+                                             "num_attention_heads", "encoder_feedforward_dim")],
+    "mask_decoder": [("hidden_dim", "hidden_dim", int), ("num_layers", "decoder_layers", int),
+                     ("num_attention_heads", "num_attention_heads", int),
+                     ("dim_feedforward", "dim_feedforward", int), ("pre_norm", "pre_norm", bool)],
+}
+
+
+def _typed(value, kind: type, where: str, key: str):
+  """``value`` as ``kind`` (an int is a float; a list of ints is a tuple), else a UserError naming the key."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+  if kind is tuple and isinstance(value, (list, tuple)) and value and all(is_int(v) for v in value):
+    return tuple(value)
+  if kind is float and (is_int(value) or isinstance(value, float)):
+    return float(value)
+  if (kind is int and is_int(value)) or (kind in (bool, str) and isinstance(value, kind)):
+    return value
+  want = "a list of ints" if kind is tuple else kind.__name__
+  raise UserError(f"{where}: {key!r} is {value!r}, expected {want}")
+
+
+def _lookup(d, key: str):
+  """``d['a']['b']`` for the key 'a.b'; None where a level is missing."""
+  for k in key.split("."):
+    if not isinstance(d, dict) or k not in d:
+      return None
+    d = d[k]
+  return d
+
+
+def _fields_from_config_json(path: str) -> dict:
+  """A transformers Mask2Former config.json -> {part: {field: value}} (transformers' defaults for absent keys)."""
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable JSON file ({e})") from e
+  if not isinstance(raw, dict) or raw.get("model_type") != "mask2former":
+    got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+    raise UserError(f"{path}: 'model_type' is {got!r}, expected 'mask2former' (a transformers Mask2Former config)")
+  backbone = raw.get("backbone_config") or {}
+  if not isinstance(backbone, dict) or backbone.get("model_type", "swin") != "swin":
+    got = backbone.get("model_type") if isinstance(backbone, dict) else backbone
+    raise UserError(f"{path}: 'backbone_config.model_type' is {got!r}, expected 'swin' (the only backbone supported)")
+  for key, want in (("use_absolute_embeddings", False), ("qkv_bias", True)):
+    if backbone.get(key, want) != want:
+      raise UserError(f"{path}: 'backbone_config.{key}' is {backbone[key]!r}, expected {want} (Mask2Former's Swin)")
+  for rows in _HF_FIELDS.values():   # the keys we read, checked before transformers sees them
+    for _, key, kind in rows:
+      if _lookup(raw, key) is not None:
+        _typed(_lookup(raw, key), kind, path, key)
+  try:
+    d = Mask2FormerConfig.from_dict(raw).to_dict()   # transformers' defaults for the keys it lacks
+  except Exception as e:  # transformers' config validation raises its own error types, over several lines
+    raise UserError(f"{path}: not a valid Mask2Former config ({' '.join(str(e).split())})") from e
+  out = {part: {ours: _typed(_lookup(d, key), kind, path, key) for ours, key, kind in rows}
+         for part, rows in _HF_FIELDS.items()}
+  out["mask_decoder"]["num_layers"] -= 1   # HF's decoder_layers counts the prediction before the first layer
+  return out
+
+
+def _stacked_len(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
+  """Layers of the list ``name`` in our params: the leading axis of a stacked ``name`` (nn.scan), else the
+  number of ``name_{i}`` subtrees."""
+  if name in tree:
+    node = tree[name]
+    for k in leaf:
+      node = node[k]
+    return int(np.shape(node)[0])
+  return sum(bool(re.fullmatch(rf"{name}_\d+", k)) for k in tree)
+
+
+def _first_layer(tree: Mapping, name: str) -> tuple[Mapping, bool]:
+  """(the subtree of layer 0 of the list ``name``, whether its leaves carry the stacked layer axis)."""
+  return (tree[name], True) if name in tree else (tree[f"{name}_0"], False)
+
+
+def _fields_from_tensors(params: Mapping, base) -> dict:
+  """Our MaskHead params -> {part: {field: value}} for the fields the tensors fix. Settings no tensor shows
+  (the decoders' head counts but the pixel decoder's, pre_norm, eps, activations) stay ``base``'s."""
+  sw, pd, md = params["swin"], params["pixel_decoder"], params["mask_decoder"]
+  kernel = np.shape(sw["patch_embed"]["kernel"])             # [p, p, C, embed_dim]
+  stages = sorted((k for k in sw if re.fullmatch(r"stage\d+", k)), key=lambda k: int(k[5:]))
+  depths, heads = [], []
+  for s in stages:
+    depths.append(_stacked_len(sw[s], "blocks", ("fc1", "kernel")))
+    block, stacked = _first_layer(sw[s], "blocks")
+    table = np.shape(block["attention"]["relative_position_bias_table"])[int(stacked):]   # [(2w-1)**2, heads]
+    heads.append(int(table[1]))
+  side = int(round(np.sqrt(table[0])))
+  fc1 = np.shape(block["fc1"]["kernel"])[int(stacked):]       # of the last stage: [dim, mlp_ratio * dim]
+  swin = dict(patch_size=int(kernel[0]), embed_dim=int(kernel[-1]), depths=tuple(depths), num_heads=tuple(heads),
+              window_size=(side + 1) // 2, mlp_ratio=fc1[1] / fc1[0])
+  enc = pd["encoder"]                                         # always stacked: [layers, ...]
+  weights = int(np.shape(enc["self_attn"]["attention_weights"]["kernel"])[-1])   # heads * levels * points
+  per_head = int(base.pixel_decoder.num_feature_levels) * int(base.pixel_decoder.encoder_n_points)
+  if weights % per_head:
+    raise UserError(f"Mask2Former pixel decoder: attention_weights has {weights} outputs, not a multiple of "
+                    f"num_feature_levels * encoder_n_points = {per_head}")
+  pixel_decoder = dict(feature_size=int(np.shape(pd["input_proj_0"]["conv"]["kernel"])[-1]),
+                       mask_feature_size=int(np.shape(pd["mask_projection"]["kernel"])[-1]),
+                       encoder_layers=int(np.shape(enc["fc1"]["kernel"])[0]),
+                       encoder_feedforward_dim=int(np.shape(enc["fc1"]["kernel"])[-1]),
+                       num_attention_heads=weights // per_head)
+  mask_decoder = dict(hidden_dim=int(np.shape(md["layernorm"]["scale"])[0]),
+                      num_layers=_stacked_len(md, "layers", ("fc1", "kernel")),
+                      dim_feedforward=int(np.shape(_first_layer(md, "layers")[0]["fc1"]["kernel"])[-1]))
+  return dict(swin=swin, pixel_decoder=pixel_decoder, mask_decoder=mask_decoder)
+
+
+def mask2former_model_fields(src, params: Mapping, base) -> dict:
+  """The model config fields a Mask2Former checkpoint fixes: {part: {field: value}} for the parts 'swin',
+  'pixel_decoder', 'mask_decoder' (names as presets.py). ``src``: the checkpoint imported as ``params`` (our
+  MaskHead params). An HF folder's config.json gives them; without one (a detectron2 .pkl, a bare file, a
+  state dict) the tensors do, and the settings no tensor shows stay ``base``'s (the model ConfigDict).
+  mask_embed_layers and enforce_input_projection (not in HF's config) always come from the tensors."""
+  path = os.path.join(src, "config.json") if isinstance(src, (str, os.PathLike)) and os.path.isdir(src) else None
+  fields = _fields_from_config_json(path) if path and os.path.isfile(path) else _fields_from_tensors(params, base)
+  md = params["mask_decoder"]
+  fields["mask_decoder"]["mask_embed_layers"] = sum(bool(re.fullmatch(r"mask_embedder_\d+", k))
+                                                    for k in md["mask_predictor"])
+  if "input_proj_0" in md and fields["pixel_decoder"]["feature_size"] == fields["mask_decoder"]["hidden_dim"]:
+    fields["mask_decoder"]["enforce_input_projection"] = True   # HF adds them only then, or when widths differ
+  return fields
 
 
 def mask2former_hf_config(swin: SwinConfig, pixel_decoder: PixelDecoderConfig, mask_decoder: MaskDecoderConfig, *,

@@ -9,6 +9,8 @@ holds `vision_tower` (a SigLIP tower whose transformer is `.vision_model`) and `
   model.embed_tokens / model.layers.{i} / model.final_layernorm, lm_head.*  -> llm/*
 config.json: a PhiConfig (model_type 'mipha_phi') plus vision_config = {'vision_tower': {SigLIP fields,
 mm_vision_select_layer, ...}, 'mm_projector': {'mm_projector_type', 'mm_hidden_size', 'hidden_size'}}.
+`mipha_model_fields` reads it into our model config's vision / llm fields (the checkpoint's shapes: a
+from-hf import takes them from here, not from the experiment file).
 """
 from __future__ import annotations
 
@@ -32,8 +34,6 @@ from segearth_jax.tensor_io import open_checkpoint, save_safetensors
 
 VISION_PREFIX = "model.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
-_SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                  "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
 
 
 def mipha_name_map(*, scan_layers: bool = True) -> nm.NameMap:
@@ -43,37 +43,78 @@ def mipha_name_map(*, scan_layers: bool = True) -> nm.NameMap:
   return nm.NameMap(rules, ignore=(*siglip_ignore(VISION_PREFIX), ROTARY_BUFFERS))
 
 
-def model_config_from_mipha(mipha_cfg: Mapping | str, base: ml_collections.ConfigDict | None = None):
-  """Mipha config.json (dict or path) -> our model ConfigDict's vision/llm/projector fields (on ``base``)."""
-  if isinstance(mipha_cfg, (str, os.PathLike)):
-    path = os.path.join(mipha_cfg, "config.json") if os.path.isdir(mipha_cfg) else mipha_cfg
+_REQUIRED = object()
+# (key, type, default) of the Phi fields of a Mipha config.json; defaults are PhiConfig's (transformers')
+_PHI_KEYS = (("vocab_size", int, _REQUIRED), ("hidden_size", int, _REQUIRED), ("intermediate_size", int, _REQUIRED),
+             ("num_hidden_layers", int, _REQUIRED), ("num_attention_heads", int, _REQUIRED),
+             ("num_key_value_heads", int, None), ("layer_norm_eps", float, 1e-5),
+             ("max_position_embeddings", int, 2048), ("hidden_act", str, "gelu_new"))
+# the same for vision_config.vision_tower (SigLIP); defaults are transformers' SiglipVisionConfig's
+_SIGLIP_KEYS = (("hidden_size", int, _REQUIRED), ("intermediate_size", int, _REQUIRED),
+                ("num_hidden_layers", int, _REQUIRED), ("num_attention_heads", int, _REQUIRED),
+                ("image_size", int, _REQUIRED), ("patch_size", int, _REQUIRED), ("num_channels", int, 3),
+                ("layer_norm_eps", float, 1e-6), ("hidden_act", str, "gelu_pytorch_tanh"))
+
+
+def _entry(d: Mapping, key: str, kind: type, default, where: str, path: str = ""):
+  """``d[key]`` checked against ``kind`` (a float field takes an int); ``default`` when absent (``_REQUIRED``:
+  an error). Errors name the file, the key and what was expected."""
+  name = path + key
+  if key not in d or d[key] is None:
+    if default is _REQUIRED:
+      raise UserError(f"{where}: no {name!r} (expected {kind.__name__}, a Mipha/LLaVA-Phi config.json)")
+    return default
+  v = d[key]
+  ok = isinstance(v, kind) and not isinstance(v, bool)
+  if kind is float and isinstance(v, int) and not isinstance(v, bool):
+    v, ok = float(v), True
+  if not ok:
+    raise UserError(f"{where}: {name!r} is {v!r}, expected {kind.__name__}")
+  return v
+
+
+def mipha_model_fields(src: Mapping | str) -> dict:
+  """A Mipha config.json (a folder, the file's path, or its parsed dict) -> the model config fields the
+  checkpoint fixes: {'vision': SigLIP shapes + feature_layer, 'llm': Phi shapes + rotary/norm settings,
+  'projector_hidden_act'} (field names as presets.py). A missing or ill-typed entry is a UserError
+  naming the file, the key and what was expected."""
+  where = "Mipha config"
+  if isinstance(src, (str, os.PathLike)):
+    where = os.path.join(src, "config.json") if os.path.isdir(src) else os.fspath(src)
+    if not os.path.isfile(where):
+      raise UserError(f"{where}: no such file (expected the config.json of a Mipha/LLaVA-Phi folder)")
     try:
-      with open(path) as f:
-        mipha_cfg = json.load(f)
+      with open(where) as f:
+        src = json.load(f)
     except (OSError, ValueError) as e:
-      raise UserError(f"{path}: not a readable Mipha config.json ({e})") from e
-  d = dict(mipha_cfg)
-  cfg = ml_collections.ConfigDict(base.to_dict()) if base is not None else presets.model_config("tiny")
+      raise UserError(f"{where}: not a readable JSON file ({e})") from e
+  if not isinstance(src, Mapping):
+    raise UserError(f"{where}: expected a JSON object, got {type(src).__name__}")
+  d = dict(src)
+  llm = {k: _entry(d, k, kind, default, where) for k, kind, default in _PHI_KEYS}
+  llm["num_key_value_heads"] = llm["num_key_value_heads"] or llm["num_attention_heads"]
+  # newer transformers nest the rotary settings in rope_parameters; older configs keep them flat
   rope = d.get("rope_parameters") or {}
-  llm = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-             partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
-             rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-             max_position_embeddings=d.get("max_position_embeddings", 2048),
-             hidden_act=d.get("hidden_act", "gelu_new"))
-  for k, v in llm.items():
-    cfg.llm[k] = v
-  vt = d["vision_config"]["vision_tower"]
-  for k in _SIGLIP_FIELDS:
-    if k in vt:
-      cfg.vision[k] = vt[k]
-  cfg.vision.feature_layer = int(vt.get("mm_vision_select_layer", -2))
-  proj = d["vision_config"].get("mm_projector", {})
-  if proj.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-    raise UserError(f"only the 'mlp2x_gelu' projector is supported, got {proj.get('mm_projector_type')!r}")
-  cfg.projector_hidden_act = "gelu"
+  for key, default in (("partial_rotary_factor", 0.5), ("rope_theta", 10000.0)):
+    holder, path = (rope, "rope_parameters.") if key in rope else (d, "")
+    llm[key] = _entry(holder, key, float, default, where, path)
+  vc = _entry(d, "vision_config", dict, _REQUIRED, where)
+  vt = _entry(vc, "vision_tower", dict, _REQUIRED, where, "vision_config.")
+  vision = {k: _entry(vt, k, kind, default, where, "vision_config.vision_tower.") for k, kind, default in _SIGLIP_KEYS}
+  vision["feature_layer"] = _entry(vt, "mm_vision_select_layer", int, -2, where, "vision_config.vision_tower.")
+  proj = _entry(vc, "mm_projector", dict, {}, where, "vision_config.")
+  kind = _entry(proj, "mm_projector_type", str, "mlp2x_gelu", where, "vision_config.mm_projector.")
+  if kind != "mlp2x_gelu":
+    raise UserError(f"{where}: 'vision_config.mm_projector.mm_projector_type' is {kind!r}, expected 'mlp2x_gelu' "
+                    f"(the only projector supported)")
+  return dict(vision=vision, llm=llm, projector_hidden_act="gelu")
+
+
+def model_config_from_mipha(src: Mapping | str, base: ml_collections.ConfigDict | None = None):
+  """Our model ConfigDict (``base``, default the 'tiny' preset, copied) with the fields of a Mipha
+  config.json (``mipha_model_fields``) set."""
+  cfg = ml_collections.ConfigDict(base.to_dict()) if base is not None else presets.model_config("tiny")
+  cfg.update(mipha_model_fields(src))
   return cfg
 
 

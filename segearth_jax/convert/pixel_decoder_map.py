@@ -6,10 +6,18 @@ Level order: transformers (``input_projections.{l}``, ``level_embed[l]``) and de
 level is permuted anywhere. The FPN convs are ``adapter_{k}`` / ``layer_{k}`` in all three, k=1 for the
 stride-4 map. detectron2's ``Conv2d(norm=...)`` keeps its GroupNorm as ``.norm``; HF's Sequential uses
 ``.1``.
+
+FPN variant (``PixelDecoderConfig.fpn``): with 'authors' the two FPN convs have biases, HF-named
+``adapter_{k}.0.bias`` / ``layer_{k}.0.bias`` (the authors' Sequential names, which the PyTorch export
+keeps); 'mask2former' has none (transformers, detectron2). ``with_fpn_biases`` gives a pixel decoder
+imported from a bias-free checkpoint the biases the 'authors' variant needs (zeros, as the authors start).
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
+
+import numpy as np
 
 from segearth_jax.convert.name_map import CONV2D, Rule, layer_rules, linear, norm, rename_keys, rules
 
@@ -23,9 +31,10 @@ _LAYER = [*[p for n in _ATTN for p in linear(f"self_attn/{n}", f"self_attn.{n}")
           *norm("self_attn_layer_norm", "self_attn_layer_norm"), *norm("final_layer_norm", "final_layer_norm")]
 
 
-def pixel_decoder_rules(prefix: str = HF_PREFIX, ours_prefix: str = "") -> list[Rule]:
+def pixel_decoder_rules(prefix: str = HF_PREFIX, ours_prefix: str = "", *, fpn: str = "mask2former") -> list[Rule]:
   """Rules for ``PixelDecoder`` params under ``ours_prefix`` (e.g. 'pixel_decoder/') and the HF keys under
-  ``prefix`` ('pixel_level_module.decoder.' for a bare ``Mask2FormerModel``)."""
+  ``prefix`` ('pixel_level_module.decoder.' for a bare ``Mask2FormerModel``); ``fpn``: the FPN variant
+  ('authors' adds the FPN conv biases)."""
   o, t = ours_prefix, prefix
   out = [
       Rule(f"{o}level_embed", f"{t}level_embed"),
@@ -34,11 +43,34 @@ def pixel_decoder_rules(prefix: str = HF_PREFIX, ours_prefix: str = "") -> list[
       *rules(o, t, norm("input_proj_{l}/norm", "input_projections.{l}.1")),
       *layer_rules(f"{o}encoder", f"{t}encoder.layers.{{i}}.", _LAYER),
   ]
-  for name in ("adapter", "layer"):   # FPN lateral (1x1) and output (3x3) convs, no conv bias
+  for name in ("adapter", "layer"):   # FPN lateral (1x1) and output (3x3) convs
     out += [Rule(f"{o}{name}_{{k}}/conv/kernel", f"{t}{name}_{{k}}.0.weight", CONV2D),
             *rules(o, t, norm(f"{name}_{{k}}/norm", f"{name}_{{k}}.1"))]
+    if fpn == "authors":
+      out.append(Rule(f"{o}{name}_{{k}}/conv/bias", f"{t}{name}_{{k}}.0.bias"))
   out += [Rule(f"{o}mask_projection/kernel", f"{t}mask_projection.weight", CONV2D),
           Rule(f"{o}mask_projection/bias", f"{t}mask_projection.bias")]
+  return out
+
+
+def fpn_conv_names(pixel_decoder_params: Mapping) -> list[str]:
+  """The FPN conv modules of our pixel decoder params: 'adapter_{k}' and 'layer_{k}'."""
+  return sorted(k for k in pixel_decoder_params if re.fullmatch(r"(adapter|layer)_\d+", k))
+
+
+def with_fpn_biases(pixel_decoder_params: Mapping, fpn: str, biases: Mapping | None = None) -> dict:
+  """Our pixel decoder params shaped for the FPN variant ``fpn``: for 'authors', every FPN conv gets
+  'conv/bias' (``biases[name]`` when given, e.g. the authors' trained ones, else zeros: the authors' init
+  from the bias-free detectron2 weights); 'mask2former' params are returned as they are."""
+  out = dict(pixel_decoder_params)
+  if fpn != "authors":
+    return out
+  biases = biases or {}
+  for name in fpn_conv_names(out):
+    conv = dict(out[name]["conv"])
+    width = np.shape(conv["kernel"])[-1]
+    conv["bias"] = biases[name] if name in biases else np.zeros((width,), np.asarray(conv["kernel"]).dtype)
+    out[name] = dict(out[name], conv=conv)
   return out
 
 

@@ -2,13 +2,15 @@
 
 Parts (state_dict prefixes): `vision_tower` (SiglipVisionModel), `projector` (Linear-GELU-Linear),
 `llm` (PhiForCausalLM; PEFT LoRA on q_proj/v_proj from DIR/adapter, or merged), `seg_projector` (Linear),
-`mask_head` (Mask2FormerModel: Swin backbone + pixel decoder + masked-attention decoder).
+`mask_head` (Mask2FormerModel: Swin backbone + pixel decoder + masked-attention decoder; config.json's
+`pixel_decoder_fpn` = 'authors' adds the authors' FPN conv biases and lateral ReLU, see `authors_fpn`).
 
 Semantics match the JAX model (segearth_jax/models/segearth.py, generate.py, evaluate.py):
 - image tokens: SigLIP hidden state `feature_layer` (HF hidden_states index), projected, spliced over the
   `<image>` placeholder run of the prompt;
-- greedy decoding with a KV cache; every generated token is fed back, and the final hidden state (after the
-  final LayerNorm) of each fed [SEG] (at most max_seg) is that [SEG]'s query;
+- decoding with a KV cache, greedy or sampled (transformers' temperature / top-k / top-p warpers); every
+  generated token is fed back, and the final hidden state (after the final LayerNorm) of each fed [SEG]
+  (up to the infer.max_seg cap) is that [SEG]'s query;
 - the mask decoder runs each [SEG] query alone (batch element per query, the learned queries replaced, zero
   query position), which is the JAX decoder's diagonal self-attention; the last prediction is upsampled
   bilinearly to the Swin canvas, thresholded at 0, cropped to the letterbox and resized (nearest) to the image.
@@ -28,9 +30,22 @@ from torch import nn
 
 from segearth_jax.data.preprocess import Preprocessor
 from segearth_jax.data.tokenizer import load_tokenizer
+from segearth_jax.generate import seg_slots
 from segearth_jax.tensor_io import SafetensorsReader
 
 _BUFFERS = ("position_ids", "relative_position_index", "inv_freq")
+
+
+def authors_fpn(decoder: nn.Module) -> None:
+  """Makes a transformers Mask2FormerPixelDecoder compute the authors' FPN (model.pixel_decoder.fpn=
+  'authors'): a bias on every FPN conv (`adapter_{k}.0.bias`, `layer_{k}.0.bias`) and a ReLU closing the
+  lateral `adapter_{k}` path. In place: the decoder's forward runs these same Sequential modules."""
+  for name, module in decoder.named_children():
+    if name.startswith(("adapter_", "layer_")):
+      conv = module[0]
+      conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+      if name.startswith("adapter_"):
+        module.append(nn.ReLU())
 
 
 class SegEarthR2Torch(nn.Module):
@@ -62,6 +77,8 @@ class SegEarthR2Torch(nn.Module):
       dcfg = copy.deepcopy(mcfg)  # HF shares one head count; ours may differ per part
       dcfg.num_attention_heads = config["mask_decoder_heads"]
       self.mask_head.transformer_module = Mask2FormerTransformerModule(in_features=mcfg.feature_size, config=dcfg)
+    if config.get("pixel_decoder_fpn", "mask2former") == "authors":
+      authors_fpn(self.mask_head.pixel_level_module.decoder)
     self.seg_projector = nn.Linear(dl, mcfg.hidden_dim)
     self.tokenizer = None
     self._pre = None
@@ -125,16 +142,47 @@ class SegEarthR2Torch(nn.Module):
 
   # ------------------------------------------------------------------------------------ segment
   @torch.no_grad()
-  def segment(self, image, instruction: str, max_new_tokens: int | None = None) -> dict:
+  def segment(self, image, instruction: str, max_new_tokens: int | None = None, *, temperature: float | None = None,
+              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+              max_seg: int | None = None) -> dict:
     """image: HxWx3 uint8 array or PIL image -> dict(answer, tokens, masks (HxW bool each), logits
-    [generated, vocab] (the logits each token was picked from), mask_logits [K, M/4, M/4])."""
+    [generated, vocab] (the logits each token was picked from, before any warper), mask_logits [K, M/4, M/4]).
+
+    Decoding options as the run's ``infer`` config (the exported one's values where None): temperature 0 =
+    greedy; otherwise transformers' temperature, top-k (0 = off), top-p (1.0 = off) warpers and a
+    multinomial draw from a torch Generator seeded with ``seed`` (the same distribution as the JAX model,
+    not the same draws); ``max_seg`` the [SEG] cap (-1 = model.max_seg, 0 = none, n = n)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     if isinstance(image, Image.Image):
       image = np.asarray(image.convert("RGB"))
     pre = self.preprocessor()
     ex = pre(dict(id="segment", image=np.asarray(image), masks=[], answer="", instruction=instruction))
     cfg = self.config
-    T = int(max_new_tokens or cfg["segearth_config"]["infer"]["max_new_tokens"])
-    eos, seg, max_seg = cfg["eos_token_id"], cfg["seg_token_id"], cfg["max_seg"]
+    infer = cfg["segearth_config"]["infer"]
+
+    def option(value, name):
+      return infer[name] if value is None else value
+
+    T = int(max_new_tokens or infer["max_new_tokens"])
+    temperature = float(option(temperature, "temperature"))
+    top_k, top_p = int(option(top_k, "top_k")), float(option(top_p, "top_p"))
+    eos, seg = cfg["eos_token_id"], cfg["seg_token_id"]
+    max_seg = seg_slots(option(max_seg, "max_seg"), cfg["max_seg"], T)
+    # transformers' sampling warpers in generate's order, each only when it changes the scores
+    warpers = [] if temperature <= 0 else (
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    generator = torch.Generator().manual_seed(int(option(seed, "seed")))
+
+    def pick(logits):
+      if temperature <= 0:
+        return int(torch.argmax(logits[0]))
+      scores = logits.float()
+      for w in warpers:
+        scores = w(None, scores)
+      return int(torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)[0, 0])
+
     p, s = int(ex["prompt_len"]), int(ex["image_start"])
     lm = self._lm()
     ids = torch.from_numpy(ex["input_ids"][:p].astype(np.int64))[None]
@@ -146,7 +194,7 @@ class SegEarthR2Torch(nn.Module):
     logits = lm.lm_head(out.last_hidden_state[:, -1])
     tokens, step_logits, seg_hidden = [], [], []
     for _ in range(T):
-      tok = int(torch.argmax(logits[0]))
+      tok = pick(logits)
       tokens.append(tok)
       step_logits.append(logits[0])
       if tok == eos:  # ours feeds EOS too, but nothing it yields is kept

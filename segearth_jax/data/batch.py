@@ -5,7 +5,8 @@ Batch (B = per-process batch = train.batch_size / process_count; static shapes):
   image_start i32[B]  seg_positions i32[B,K]  seg_valid bool[B,K]  masks u8[B,K,M,M]
   mask_grid f32[B,K,G,G]  letterbox i32[B,4] (orig_h, orig_w, resized_h, resized_w)  sample_valid bool[B]
   example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined),
-  beyond_cap str[B] (JSON list of COCO RLE canvas masks of the targets past the [SEG] cap).
+  targets str[B] (JSON list of COCO RLE masks of every target at the image's own size, past the [SEG]
+  cap too).
 S = model.vision.image_size, G = presets.image_grid(model) (G*G image tokens), M = model.swin.image_size,
 K = model.max_seg; L is the smallest of data.text_buckets that fits the batch's longest row. labels hold
 IGNORE where no token is predicted (prompt, image tokens, padding).
@@ -26,7 +27,7 @@ import numpy as np
 from segearth_jax import presets
 
 IGNORE = -100
-HOST_ONLY = ("example_id", "answer", "subsets", "beyond_cap")
+HOST_ONLY = ("example_id", "answer", "subsets", "targets")
 
 
 def dummy_batch(config, batch_size: int, length: int | None = None) -> dict:

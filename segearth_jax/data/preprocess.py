@@ -2,13 +2,19 @@
 
 Images: SigLIP canvas S x S (bicubic, (x/255 - 0.5)/0.5); Swin canvas M x M letterboxed (scale = M / max(h, w),
 bilinear, pasted top-left on value 128, then ImageNet mean/std). Masks: letterboxed like the Swin image
-(nearest) and, for L_S, resized to S x S (nearest) and max-pooled over P x P patches (a patch is foreground
-if the mask touches it; the G*P <= S pixels the patch conv sees).
+(nearest) and, for L_S, a G x G patch grid of the mask stretched to the SigLIP canvas (`loss.ls_target`):
+  'touches'  nearest to S x S, then max over each P x P patch: a patch is 1 if the mask touches the G*P <= S
+             pixels the patch conv sees (the default);
+  'authors'  the authors' target: nearest to 800 x 800, bilinear (align_corners=False, no antialias) to
+             G x G, > 0 -- i.e. the mask sampled near the patch centres (torch.nn.functional.interpolate's
+             index arithmetic, float32).
 
-Text: f"{system}{sep}{user_role}: {prompt}{sep}{assistant_role}: {answer}{eos}" with the single '<image>'
-placeholder expanded to N_img = presets.image_tokens(model) image-token ids. The template pieces are
-tokenized once; per example only the instruction and the answer are (so a BPE merge never crosses a piece
-boundary — the same at train and eval).
+Text: the `data.train_template` / `data.eval_template` conversation (data/templates.py: a preset name or a
+literal template) with the single '<image>' expanded to N_img = presets.image_tokens(model) image-token ids.
+The fixed pieces of the template are tokenized once; per example only the instruction (stripped first when
+`data.strip_instruction`, as the authors do) and the answer turn are, so a BPE merge never crosses a piece
+boundary -- the same at train and eval. Train rows are prompt + answer turn (labels: the answer turn only);
+eval rows are the prompt.
 Too long: the instruction is cut first, then the answer's end; both counted. Every example is padded to the
 longest bucket; `trim_to_bucket` cuts a batch to the smallest bucket that fits it.
 """
@@ -16,19 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 import numpy as np
 from PIL import Image
 
 from segearth_jax import presets
-from segearth_jax.data import rle
+from segearth_jax.data import rle, templates
 from segearth_jax.data.answer import IMAGE_TOKEN, SEG_TOKEN, seg_count
 from segearth_jax.data.batch import IGNORE
 from segearth_jax.data.tokenizer import image_token_id, seg_token_id
 from segearth_jax.errors import UserError
 
-INSTRUCTION = "{instruction}"   # where a prompt template takes the instruction
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _WARN_EVERY = 1000
@@ -77,18 +81,58 @@ def letterbox_mask(mask: np.ndarray, canvas: int, rh: int, rw: int) -> np.ndarra
   return out
 
 
-def mask_grid(mask: np.ndarray, size: int, grid: int, patch: int) -> np.ndarray:
+def mask_grid_touches(mask: np.ndarray, size: int, grid: int, patch: int) -> np.ndarray:
   """(h, w) mask -> f32 (grid, grid): a patch is 1 where the size x size mask touches it."""
   m = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[:grid * patch, :grid * patch]
   return m.reshape(grid, patch, grid, patch).max(axis=(1, 3)).astype(np.float32)
 
 
-def _template_pieces(template: str) -> list[str]:
-  """'a <image> b {instruction} c' -> ['a ', '<image>', ' b ', '{instruction}', ' c']."""
-  pieces = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(INSTRUCTION)})", template)
-  if pieces.count(IMAGE_TOKEN) != 1 or pieces.count(INSTRUCTION) != 1:
-    raise UserError(f"prompt template needs exactly one {IMAGE_TOKEN!r} and one {INSTRUCTION!r}: {template!r}")
-  return pieces
+AUTHORS_LS_CANVAS = 800   # the authors resize every mask to 800 x 800 before the L_S downsample
+
+
+def _torch_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output index of torch's mode='nearest': floor(i * (in/out)) in float32."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+def _torch_bilinear_taps(n_in: int, n_out: int):
+  """torch's bilinear, align_corners=False, no antialias, along one axis: (i0, i1, w0, w1) per output
+  index, float32 source positions (i + 0.5) * in/out - 0.5 clamped at 0."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                   np.float32(0))
+  i0 = src.astype(np.int64)
+  i1 = i0 + (i0 < n_in - 1)
+  w1 = src - i0.astype(np.float32)
+  return i0, i1, np.float32(1) - w1, w1
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """(h, w) float array -> size, as torch's F.interpolate(mode='bilinear', align_corners=False) without
+  antialias (the authors' GT resize in their eval.py)."""
+  r0, r1, rw0, rw1 = _torch_bilinear_taps(x.shape[0], size[0])
+  c0, c1, cw0, cw1 = _torch_bilinear_taps(x.shape[1], size[1])
+  x = np.asarray(x, np.float32)
+  rows = rw0[:, None] * x[r0] + rw1[:, None] * x[r1]
+  return cw0[None] * rows[:, c0] + cw1[None] * rows[:, c1]
+
+
+def mask_grid_authors(mask: np.ndarray, grid: int, canvas: int = AUTHORS_LS_CANVAS) -> np.ndarray:
+  """(h, w) mask -> f32 (grid, grid): the authors' L_S target, nearest to canvas x canvas, bilinear to
+  grid x grid, > 0. Only the canvas pixels the bilinear taps read are formed."""
+  h, w = mask.shape
+  r0, r1, rw0, rw1 = _torch_bilinear_taps(canvas, grid)
+  c0, c1, cw0, cw1 = _torch_bilinear_taps(canvas, grid)
+  near_r, near_c = _torch_nearest_index(h, canvas), _torch_nearest_index(w, canvas)
+  m = (np.asarray(mask) > 0).astype(np.float32)
+
+  def tap(r, c):
+    return m[np.ix_(near_r[r], near_c[c])]
+  # the same weighted sum as torch (h-weights outside, w-weights inside) so a zero weight never counts
+  val = (rw0[:, None] * (cw0[None] * tap(r0, c0) + cw1[None] * tap(r0, c1))
+         + rw1[:, None] * (cw0[None] * tap(r1, c0) + cw1[None] * tap(r1, c1)))
+  return (val > 0).astype(np.float32)
 
 
 class Preprocessor:
@@ -108,13 +152,18 @@ class Preprocessor:
     self.seg_id, self.image_id = seg_token_id(tokenizer), image_token_id(tokenizer)
     pad = tokenizer.pad_token_id
     self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
-    self.eos = d.eos
+    self.strip_instruction = bool(d.strip_instruction)
+    # teacher-forced eval feeds the reference answer as training does and reads its [SEG] states
+    self.with_answer = train or bool(config.eval.teacher_forced)
+    self.ls_target = str(config.loss.ls_target)
+    if self.ls_target not in ("touches", "authors"):
+      raise UserError(f"loss.ls_target must be 'touches' or 'authors', got {self.ls_target!r}")
     # token ids of the fixed pieces, once
-    pieces = _template_pieces(d.train_prompt if train else d.eval_prompt)
-    pieces[0] = f"{d.system}{d.sep}{d.user_role}: " + pieces[0]
-    pieces[-1] = pieces[-1] + f"{d.sep}{d.assistant_role}:"
-    self.pieces = [p if p in (IMAGE_TOKEN, INSTRUCTION) else self._encode(p) for p in pieces]
-    self.fixed_len = sum(self.n_img if p == IMAGE_TOKEN else len(p) for p in self.pieces if p != INSTRUCTION)
+    self.template = templates.parse(d.train_template if train else d.eval_template)
+    self.pieces = [p if p in (IMAGE_TOKEN, templates.INSTRUCTION) else self._encode(p)
+                   for p in self.template.prompt]
+    self.fixed_len = sum(self.n_img if p == IMAGE_TOKEN else len(p) for p in self.pieces
+                         if p != templates.INSTRUCTION)
     self.stats = {"examples": 0, "seg_capped": 0, "seg_dropped": 0, "text_cut": 0, "bad_skipped": 0}
 
   def _encode(self, text: str) -> list[int]:
@@ -129,8 +178,9 @@ class Preprocessor:
 
   def tokens(self, instruction: str, answer: str | None):
     """(ids, labels, image_start, prompt_len) before padding; answer None = eval prompt only."""
-    instr = self._encode(instruction)
-    ans = self._encode(f" {answer}{self.eos}") if answer is not None else []
+    instr = self._encode(instruction.strip() if self.strip_instruction else instruction)
+    t = self.template
+    ans = self._encode(f"{t.answer_lead}{answer}{t.answer_end}") if answer is not None else []
     over = self.fixed_len + len(instr) + len(ans) - self.max_len
     if over > 0:
       self.stats["text_cut"] += 1
@@ -148,7 +198,7 @@ class Preprocessor:
       if p == IMAGE_TOKEN:
         image_start = len(ids)
         ids.extend([self.image_id] * self.n_img)
-      elif p == INSTRUCTION:
+      elif p == templates.INSTRUCTION:
         ids.extend(instr)
       else:
         ids.extend(p)
@@ -186,10 +236,11 @@ class Preprocessor:
       raise UserError(f"{self.source_name}: record {rid}: field 'masks': {len(masks)} masks but "
                       f"{n_seg} {SEG_TOKEN} in 'answer'")
     self.stats["examples"] += 1
+    targets = masks   # eval scores every target: past the [SEG] cap or the text cut too
     ids, labels, image_start, prompt_len = self.tokens(_text(ex["instruction"]),
-                                                       answer if self.train else None)
+                                                       answer if self.with_answer else None)
     K, L = self.K, self.max_len
-    if self.train:
+    if self.with_answer:
       seg_pos = [i for i in range(prompt_len, len(ids)) if ids[i] == self.seg_id]
       if len(seg_pos) < len(masks):  # [SEG]s lost to the answer cut take their masks with them
         self.stats["seg_dropped"] += len(masks) - len(seg_pos)
@@ -197,7 +248,6 @@ class Preprocessor:
     else:
       seg_pos = []
     n = len(masks)
-    beyond_cap = masks[K:]
     if n > K:
       self.stats["seg_capped"] += 1
       self._warn("seg_capped", f"records with more than {K} [SEG] capped to {K}")
@@ -209,7 +259,8 @@ class Preprocessor:
     grid = np.zeros((K, self.G, self.G), np.float32)
     for k, m in enumerate(masks):
       lb[k] = letterbox_mask(m, self.M, rh, rw)
-      grid[k] = mask_grid(m, self.S, self.G, self.P)
+      grid[k] = (mask_grid_authors(m, self.G) if self.ls_target == "authors"
+                 else mask_grid_touches(m, self.S, self.G, self.P))
     input_ids = np.full((L,), self.pad_id, np.int32)
     input_ids[:len(ids)] = ids
     attn = np.zeros((L,), np.int32)
@@ -235,10 +286,9 @@ class Preprocessor:
       out["answer"] = np.str_(answer)
       subsets = ex.get("subsets", [])
       out["subsets"] = np.str_("|".join(_text(s) for s in subsets))
-      # Targets past the [SEG] cap still count in evaluation (as targets the model could not answer):
-      # their canvas masks, cropped to the image, travel as COCO RLE in one string field.
-      out["beyond_cap"] = np.str_(json.dumps([rle.encode(letterbox_mask(m, self.M, rh, rw)[:rh, :rw])
-                                              for m in beyond_cap]))
+      # every target at the image's own size (the eval protocol decides how it meets the canvas; targets
+      # past the [SEG] cap count as targets the model could not answer), as COCO RLE in one string field
+      out["targets"] = np.str_(json.dumps([rle.encode(m > 0) for m in targets]))
     return out
 
 

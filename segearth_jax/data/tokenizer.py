@@ -16,6 +16,8 @@ from segearth_jax.errors import UserError
 
 __all__ = ["load_tokenizer", "seg_token_id", "image_token_id", "train_toy_tokenizer"]
 
+TOKENIZER_FILES = "tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json"
+
 
 def _add_special_tokens(tok):
   """Adds [SEG] and <image> as special tokens when missing; pad = eos when there is no pad token."""
@@ -30,14 +32,23 @@ def _add_special_tokens(tok):
 
 
 def load_tokenizer(path):
-  """A local tokenizer folder (Phi-2's or the toy one) with [SEG] and <image> as single special ids."""
+  """A local tokenizer folder (Phi-2's or the toy one) with [SEG] and <image> as single special ids.
+
+  The folder needs tokenizer.json (a fast tokenizer) or vocab.json + merges.txt (Phi-2's CodeGen BPE), and
+  tokenizer_config.json; without them, or when transformers cannot read them, a one-line UserError names
+  the folder and the files expected."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise UserError(f"tokenizer folder {path!r} does not exist")
+  have = set(os.listdir(path))
+  if "tokenizer.json" not in have and not {"vocab.json", "merges.txt"} <= have:
+    raise UserError(f"{path}: no tokenizer files (expected {TOKENIZER_FILES})")
   try:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot load a tokenizer from {path!r}: {e}") from e
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    # transformers' messages span lines (and speak of sentencepiece/tiktoken): keep one line
+    raise UserError(f"{path}: cannot load its tokenizer ({' '.join(str(e).split())}); expected "
+                    f"{TOKENIZER_FILES}") from e
   return _add_special_tokens(tok)
 
 

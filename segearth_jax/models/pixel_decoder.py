@@ -6,6 +6,9 @@ Semantics follow transformers' ``Mask2FormerPixelDecoder`` (= detectron2's ``MSD
 - post-norm encoder layers (deformable self-attention, ReLU FFN), reference points at pixel centres;
 - FPN: 1x1 lateral conv + GroupNorm on the stride-4 map, plus the stride-8 output upsampled bilinearly
   (align_corners=False), then 3x3 conv + GroupNorm + ReLU; a 1x1 conv gives the mask features.
+  ``fpn`` picks the variant: 'mask2former' (transformers / detectron2: the two FPN convs have no bias, no
+  ReLU after the lateral GroupNorm) or 'authors' (SegEarth-R1/R2's msdeformattn.py: both FPN convs have a
+  bias, and the lateral path is Conv2d -> GroupNorm -> ReLU too; the biases are params 'conv/bias').
 NHWC throughout; flattening a [B,h,w,C] map row-major is HF's NCHW ``flatten(2)`` token order.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from segearth_jax.models.layers import (config_from_dict, dense, dtype_of, layer
 
 GROUPS = 32       # GroupNorm(32, C) everywhere, as HF/detectron2: widths must be multiples of 32
 LN_EPS = 1e-5     # torch.nn.LayerNorm / GroupNorm default
+FPN_VARIANTS = ("mask2former", "authors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +45,11 @@ class PixelDecoderConfig:
   feature_strides: tuple[int, ...] = (4, 8, 16, 32)
   common_stride: int = 4
   deform_attn_impl: str = "xla"              # kernel seam, see deformable_attention.IMPLS
+  fpn: str = "mask2former"                   # FPN variant, see the module docstring (FPN_VARIANTS)
 
   def __post_init__(self):
+    if self.fpn not in FPN_VARIANTS:
+      raise UserError(f"model.pixel_decoder: fpn={self.fpn!r}; choose one of {FPN_VARIANTS}")
     if self.feature_size % GROUPS:
       raise UserError(f"model.pixel_decoder: feature_size={self.feature_size} must be a multiple of {GROUPS} "
                       "(GroupNorm)")
@@ -225,10 +232,11 @@ class PixelDecoder(nn.Module):
       start += h * w
     # FPN on the maps finer than the encoder's, coarse to fine; HF names them adapter_k / layer_k with
     # k = 1 for the finest backbone map.
+    authors = cfg.fpn == "authors"
     for k in range(cfg.num_fpn_levels, 0, -1):
       f = features[k - 1].astype(dtype)
-      lat = ConvNorm(c_dim, 1, use_bias=False, name=f"adapter_{k}", **kw)(f)
+      lat = ConvNorm(c_dim, 1, use_bias=authors, relu=authors, name=f"adapter_{k}", **kw)(f)
       y = lat + upsample_bilinear(outs[-1], lat.shape[1:3]).astype(dtype)
-      outs.append(ConvNorm(c_dim, 3, use_bias=False, relu=True, name=f"layer_{k}", **kw)(y))
+      outs.append(ConvNorm(c_dim, 3, use_bias=authors, relu=True, name=f"layer_{k}", **kw)(y))
     mask_features = _conv(cfg.mask_feature_size, 1, use_bias=True, name="mask_projection", **kw)(outs[-1])
     return mask_features, outs[:3]   # the masked-attention decoder always takes 3 scales

@@ -15,9 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from segearth_jax import experiment
-from segearth_jax.data import rle
-from segearth_jax.data.answer import EOS_TOKEN
+from segearth_jax.data import rle, templates
 from segearth_jax.data.tokenizer import train_toy_tokenizer
 from segearth_jax.errors import UserError
 from segearth_jax.toy import instructions as ins
@@ -152,8 +150,7 @@ def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256
 
 def _conversations(description, answer):
   """The record as the model sees it (both prompt templates), so the template tokenizes compactly."""
-  return [f"{experiment.PHI_SYSTEM} USER: {p.format(instruction=description)} ASSISTANT: {answer}{EOS_TOKEN}"
-          for p in (experiment.TRAIN_PROMPT, experiment.EVAL_PROMPT)]
+  return [templates.render(p, description, answer) for p in ("phi_chat", "phi_chat_eval")]
 
 
 def cli_main(args) -> int:
