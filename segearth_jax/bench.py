@@ -27,32 +27,14 @@ import numpy as np
 from segearth_jax import sharding as shd
 from segearth_jax.config import load_config
 from segearth_jax.data.batch import IGNORE, device_part, dummy_batch
-from segearth_jax.flops import train_flops_per_sample
+from segearth_jax.flops import peak_flops, train_flops_per_sample
 from segearth_jax.model_setup import ModelSetup
 from segearth_jax.predict import make_predict_fn
 from segearth_jax.presets import image_grid, image_tokens
 from segearth_jax.train import TrainSetup
 
-# Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (first match wins).
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("L4", 121e12), ("B200", 2250e12),
-    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12),
-    ("TPU v4", 275e12),
-)
-
 TEXT_TOKENS = 100   # prompt + answer tokens after the image, as the PyTorch peer
 SEGS_PER_SAMPLE = 2  # [SEG] tokens per sample, as the PyTorch peer
-
-
-def peak_flops(device) -> float | None:
-  if device.platform == "cpu":
-    return None
-  kind = getattr(device, "device_kind", "")
-  for key, value in PEAK_FLOPS:
-    if key.lower() in kind.lower():
-      return value
-  return None
 
 
 def synthetic_batch(config, batch_size: int, length: int | None = None, seed: int = 0) -> dict:

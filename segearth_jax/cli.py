@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stage 1, next-token pre-training of the MLLM, whose weights --config starts from "
                       "('' skips it)")
   p.set_defaults(handler="segearth_jax.demo:cli_main")
+
+  p = sub.add_parser("report", help="several runs' eval JSONs as one table in the paper's layout + a chart")
+  p.add_argument("runs", nargs="+", metavar="RUN", help="a workdir (its eval/<split>.json) or an eval JSON")
+  p.add_argument("--split", default="test", help="which eval/<split>.json of a workdir (default test)")
+  p.add_argument("--out", default="report", help="folder for report.md and report.png (default ./report)")
+  p.set_defaults(handler="segearth_jax.report:cli_main")
   return parser
 
 

@@ -69,7 +69,7 @@ def make_teacher_forced_fn(setup):
 def protocol_of(config) -> dict:
   """What a reported number used: prompt, decoding, dtype, seed, GT mode (method.md §5, §7)."""
   e = config.eval
-  prompt = {k: v for k, v in config.data.to_dict().items() if "template" in k or "prompt" in k}
+  prompt = {k: config.data[k] for k in ("train_template", "eval_template", "strip_instruction")}
   return dict(prompt=prompt, decoding=None if e.teacher_forced else config.infer.to_dict(),
               dtype=e.dtype or config.model.dtype, seed=int(config.infer.seed), gt_resize=e.gt_resize,
               teacher_forced=bool(e.teacher_forced))

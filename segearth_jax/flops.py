@@ -1,4 +1,5 @@
-"""Model FLOPs of one training sample, by formula (XLA's cost analysis counts a scan body once).
+"""Model FLOPs of one training sample, by formula (XLA's cost analysis counts a scan body once), and the
+chips' dense bf16 peak they are measured against (MFU).
 
 Matmul FLOPs = 2 * multiply-adds. Backward costs: a trained part 2x its forward (grads w.r.t.
 activations and weights); a frozen part the gradient flows through (the LLM base under LoRA) 1x; a
@@ -7,6 +8,24 @@ frozen part nothing flows back into (SigLIP, projector, Swin) 0x.
 from __future__ import annotations
 
 from segearth_jax.presets import image_tokens
+
+# Dense bf16 peak FLOP/s per device, by substring of jax's device_kind (first match wins).
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L4", 121e12), ("B200", 2250e12),
+    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device) -> float | None:
+  if device.platform == "cpu":
+    return None
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return value
+  return None
 
 
 def _transformer_layer(d, ffn, tokens, kv_tokens=None):
@@ -56,8 +75,11 @@ def forward_flops(model_cfg, text_tokens: int) -> dict:
   return out
 
 
-def train_flops_per_sample(model_cfg, text_tokens: int, trainable=()) -> float:
+def train_flops_per_sample(model_cfg, text_tokens: int, trainable=(), *, mask_head: bool = True) -> float:
+  """``mask_head`` False: the text objective's step (the MLLM only)."""
   fwd = forward_flops(model_cfg, text_tokens)
+  if not mask_head:
+    fwd = {k: v for k, v in fwd.items() if k not in ("swin", "pixel_decoder", "mask_decoder")}
   trainable = set(trainable)
   mult = dict(vision=1.0, projector=1.0, swin=1.0,
               llm=3.0 if "llm" in trainable else 2.0,

@@ -27,10 +27,12 @@ from segearth_jax.data.batch import device_part, global_batch
 from segearth_jax.data.pipeline import make_dataset
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
+from segearth_jax.flops import peak_flops, train_flops_per_sample
 from segearth_jax.losses import segearth_loss, text_loss
 from segearth_jax.model_setup import ModelSetup, with_shardings
 from segearth_jax.models.segearth import SegEarthR2
 from segearth_jax.optim import make_optimizer, merge_params, split_params
+from segearth_jax.presets import image_tokens
 from segearth_jax.weights import restore_params, save_run_config
 
 OBJECTIVES = ("segearth", "text")   # the full loss of method.md §4 | next-token loss only
@@ -188,6 +190,9 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
 
   log_path = os.path.join(workdir, "metrics.jsonl")
   writer = _tb_writer(workdir) if is_main else None
+  throughput = Throughput(config, setup.mesh.devices.size)
+  if writer is not None and throughput.peak_basis:
+    writer.add_text("train/mfu_basis", throughput.peak_basis, start)
   total_steps = int(config.train.steps)
   end = min(total_steps, max_steps) if max_steps else total_steps
   stop = _StopFlag()
@@ -207,19 +212,19 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
       with setup.mesh, shd.axis_rules():
         state, metrics = step_fn(state, frozen, gbatch)
       if pending is not None:
-        _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+        _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
         t_last = time.time()
-      pending = (step + 1, metrics, host.get("example_id"))
+      pending = (step + 1, metrics, host.get("example_id"), throughput.of(host))
       last = step + 1 == end or stop.requested
       if last or ckpt.manager.should_save(step + 1):
         # a checkpoint is only written after its step is known to be finite
-        _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+        _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
         t_last, pending = time.time(), None
         ckpt.save(step + 1, state, data_iter, force=True)
       if stop.requested:
         break
     if pending is not None:
-      _finish(pending, setup, config, log_path, writer, history, bar, t_last)
+      _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
     bar.close()
   finally:
     ckpt.wait()
@@ -232,8 +237,33 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
   return dict(steps=int(jax.device_get(state["step"])), history=history, stopped=stop.requested)
 
 
-def _finish(pending, setup, config, log_path, writer, history, bar, t_last):
-  step, metrics, ids = pending
+class Throughput:
+  """Per step: samples/s, real (unpadded) tokens/s and MFU = model FLOPs by formula (flops.py, at the
+  batch's bucket length) / (the chips' dense bf16 peak x chips); the peak's basis is logged once."""
+
+  def __init__(self, config, n_devices: int):
+    self.config, self.n_devices = config, n_devices
+    self.peak = peak_flops(jax.devices()[0])
+    self.peak_basis = (f"{jax.devices()[0].device_kind}: {self.peak / 1e12:.0f} TFLOP/s dense bf16 x "
+                       f"{n_devices} chips" if self.peak else None)   # None on CPU: no MFU
+
+  def of(self, host: dict) -> dict:
+    """What the step's throughput needs from its host batch: tokens and the bucket length."""
+    return dict(tokens=int(np.sum(host["attention_mask"])) * jax.process_count(),
+                length=int(np.shape(host["input_ids"])[1]))
+
+  def metrics(self, batch: dict, dt: float) -> dict:
+    c = self.config
+    out = dict(samples_per_s=c.train.batch_size / dt, tokens_per_s=batch["tokens"] / dt)
+    if self.peak:
+      flops = train_flops_per_sample(c.model, batch["length"] - image_tokens(c.model), c.train.trainable,
+                                     mask_head=c.train.objective != "text")
+      out["mfu"] = flops * out["samples_per_s"] / (self.peak * self.n_devices)
+    return out
+
+
+def _finish(pending, throughput, config, log_path, writer, history, bar, t_last):
+  step, metrics, ids, batch = pending
   m = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not m.pop("finite"):
     ids = [str(i) for i in (ids if ids is not None else [])]
@@ -241,8 +271,10 @@ def _finish(pending, setup, config, log_path, writer, history, bar, t_last):
                          f"grad_norm={m['grad_norm']}); batch example ids: {ids}. "
                          "The last good checkpoint is kept.")
   dt = max(time.time() - t_last, 1e-9)
-  m["samples_per_s"] = config.train.batch_size / dt
+  m.update(throughput.metrics(batch, dt))
   record = dict(step=step, **m)
+  if throughput.peak_basis:
+    record["mfu_basis"] = throughput.peak_basis
   history.append(record)
   if jax.process_index() == 0:
     _log_line(log_path, record)

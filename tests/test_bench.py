@@ -4,7 +4,8 @@ import jax
 import numpy as np
 
 from segearth_jax import sharding as shd
-from segearth_jax.bench import PEAK_FLOPS, bench_train, host_transfers, peak_flops, synthetic_batch
+from segearth_jax.bench import bench_train, host_transfers, synthetic_batch
+from segearth_jax.flops import PEAK_FLOPS, peak_flops
 from segearth_jax.data.batch import dummy_batch
 from train_fixtures import tiny_config
 
@@ -79,3 +80,23 @@ def test_summarize_trace(tmp_path):
   s = summarize_trace(str(tmp_path), top=5)
   assert s["planes"] and 0 < len(s["top"]) <= 5 and s["total_ms"] > 0
   assert s["top"][0]["ms"] >= s["top"][-1]["ms"]
+
+
+def test_training_throughput_logs_tokens_and_mfu_by_formula():
+  """train.Throughput: samples/s, real tokens/s and MFU = formula FLOPs x samples/s / (peak x chips); on a
+  CPU there is no peak and no MFU."""
+  from segearth_jax.flops import train_flops_per_sample
+  from segearth_jax.presets import image_tokens
+  from segearth_jax.train import Throughput
+
+  config = tiny_config()
+  host = dict(attention_mask=np.zeros((8, 128), np.int32), input_ids=np.zeros((8, 128), np.int32))
+  host["attention_mask"][:, :100] = 1
+  t = Throughput(config, n_devices=8)
+  assert t.peak is None and t.peak_basis is None
+  m = t.metrics(t.of(host), dt=2.0)
+  assert m == dict(samples_per_s=4.0, tokens_per_s=400.0)
+  t.peak = 1e12                                   # as on a chip with a known peak
+  m = t.metrics(t.of(host), dt=2.0)
+  want = train_flops_per_sample(config.model, 128 - image_tokens(config.model), config.train.trainable)
+  assert m["mfu"] == want * 4.0 / (1e12 * 8)
