@@ -8,7 +8,8 @@ End to end (test_from_authors_cli_predict_and_to_torch): a tiny checkpoint as th
 key names, embed_tokens with len(tokenizer) rows under a larger bias-free lm_head, trained FPN biases, LoRA
 merged by PEFT) goes through `segearth convert from-authors` with no flags; Predictor then gives the masks
 of the test's own PyTorch forward of the same modules, and `to-torch` writes every used tensor back bit for
-bit."""
+bit. Shapes (test_from_authors_takes_the_checkpoint_sizes): a checkpoint whose sizes differ from the experiment
+file's converts with no flags and W/config.json holds the checkpoint's; an override flag still wins."""
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from segearth_jax import cli, tensor_io
 from segearth_jax.config import load_config
 from segearth_jax.convert.authors_map import authors_to_ours, import_authors_checkpoint
 from segearth_jax.convert.mask2former import import_mask2former
-from segearth_jax.convert.mipha import import_mipha
+from segearth_jax.convert.mipha import import_mipha, mipha_config_dict
 from segearth_jax.convert.torch_model import SegEarthR2Torch
 from segearth_jax.data.answer import EOS_TOKEN, SEG_TOKEN
 from segearth_jax.data.preprocess import Preprocessor
@@ -39,6 +40,7 @@ from segearth_jax.data.tokenizer import load_tokenizer, seg_token_id
 from segearth_jax.errors import UserError
 from segearth_jax.models.lora import split_lora
 from segearth_jax.predict import Predictor
+from segearth_jax.weights import load_params, load_run_config
 from segearth_jax.presets import image_tokens
 
 
@@ -103,6 +105,19 @@ def _predictor_to_authors(hf: dict, rng, hidden: int) -> dict:
   return out
 
 
+def _authors_state(mllm: dict, seg_proj, m2f, rng, hidden: int) -> dict:
+  """Their checkpoint's keys: Mipha's MLLM keys (``mllm``, no lm_head.bias), the [SEG] projector and the
+  Mask2Former's parts under their module names."""
+  out = {k: x for k, x in mllm.items() if k != "lm_head.bias"}
+  out |= {f"SEG_token_projector.{k}": x for k, x in state(seg_proj).items()}
+  sd = state(m2f)
+  part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
+  out |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
+  out |= {f"pixel_decoder.{k}": x for k, x in _pixel_decoder_to_authors(part("pixel_level_module.decoder.")).items()}
+  out |= {f"predictor.{k}": x for k, x in _predictor_to_authors(part("transformer_module."), rng, hidden).items()}
+  return out
+
+
 # ---------------------------------------------------------------------- the tiny model, both namings
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
@@ -139,14 +154,7 @@ def twin(tmp_path_factory):
   want["seg_projector"] = {"kernel": state(seg)["weight"].T.copy(), "bias": state(seg)["bias"]}
 
   # authors' naming (merged layout)
-  merged = {k: x for k, x in mllm.items() if k != "lm_head.bias"}
-  merged |= {f"SEG_token_projector.{k}": x for k, x in state(seg).items()}
-  part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
-  merged |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
-  merged |= {f"pixel_decoder.{k}": x
-             for k, x in _pixel_decoder_to_authors(part("pixel_level_module.decoder.")).items()}
-  merged |= {f"predictor.{k}": x
-             for k, x in _predictor_to_authors(part("transformer_module."), rng, m.mask_decoder.hidden_dim).items()}
+  merged = _authors_state(mllm, seg, m2f, rng, m.mask_decoder.hidden_dim)
   merged["model.rotary_emb.inv_freq"] = np.ones((4,), np.float32)
 
   # PEFT-wrapped layout (a PeftModel state dict: LoRA kept apart)
@@ -167,7 +175,7 @@ def test_peft_wrapped_safetensors_folder_equals_hf_twin(twin):
   folder = twin["tmp"] / "peft_ckpt"
   tensor_io.save_safetensors(twin["peft"].items(), str(folder), max_shard_bytes=1 << 20)   # sharded + index
   assert os.path.isfile(folder / "model.safetensors.index.json")
-  got = import_authors_checkpoint(str(folder), twin["config"])
+  got, _ = import_authors_checkpoint(str(folder), twin["config"])
   _assert_same(got, twin["want"])
   llm = got["llm"]
   assert np.all(llm["lm_head"]["bias"] == 0)
@@ -181,13 +189,13 @@ def test_merged_torch_file_equals_hf_twin_without_lora(twin):
   want, _ = split_lora(twin["want"])
   _assert_same(got, want)
   # merged + a LoRA config: fresh adapters whose B is zero (outputs unchanged)
-  full = import_authors_checkpoint(twin["merged"], twin["config"])
+  full, _ = import_authors_checkpoint(twin["merged"], twin["config"])
   q = full["llm"]["layers"]["self_attn"]["q_proj"]
   assert q["lora"]["a"].shape[-1] == twin["config"].model.lora.rank and np.all(q["lora"]["b"] == 0)
   assert np.array_equal(q["kernel"], want["llm"]["layers"]["self_attn"]["q_proj"]["kernel"])
   # a tokenizer one token longer than the rows: padded to the config's multiple, old rows untouched
   emb = want["llm"]["embed_tokens"]["embedding"]
-  grown = import_authors_checkpoint(twin["merged"], twin["config"], vocab_size=emb.shape[0] + 1)
+  grown, _ = import_authors_checkpoint(twin["merged"], twin["config"], vocab_size=emb.shape[0] + 1)
   mult = twin["config"].model.llm.pad_vocab_to_multiple_of
   g = grown["llm"]
   assert g["embed_tokens"]["embedding"].shape[0] == -(-(emb.shape[0] + 1) // mult) * mult
@@ -221,7 +229,7 @@ def test_embedding_rows_below_the_head_are_padded_never_the_head(twin):
   V = head.shape[0]
   n = V - 70
   merged["model.embed_tokens.weight"] = emb[:n]
-  got = import_authors_checkpoint(merged, twin["config"], vocab_size=n + 1)   # their tokenizer + our <image>
+  got, _ = import_authors_checkpoint(merged, twin["config"], vocab_size=n + 1)   # their tokenizer + our <image>
   g = got["llm"]
   assert g["embed_tokens"]["embedding"].shape[0] == g["lm_head"]["kernel"].shape[1] == V
   assert np.array_equal(g["embed_tokens"]["embedding"][:n], emb[:n])
@@ -229,7 +237,7 @@ def test_embedding_rows_below_the_head_are_padded_never_the_head(twin):
   # the new rows: transformers' mean resizing (the mean row plus a 1e-9-scaled draw)
   added = g["embed_tokens"]["embedding"][n:]
   np.testing.assert_allclose(added, np.broadcast_to(emb[:n].mean(0), added.shape), atol=1e-4)
-  grown = import_authors_checkpoint(merged, twin["config"], vocab_size=V + 1)["llm"]
+  grown = import_authors_checkpoint(merged, twin["config"], vocab_size=V + 1)[0]["llm"]
   mult = twin["config"].model.llm.pad_vocab_to_multiple_of
   rows = -(-(V + 1) // mult) * mult
   assert grown["embed_tokens"]["embedding"].shape[0] == grown["lm_head"]["kernel"].shape[1] == rows
@@ -370,16 +378,9 @@ def test_from_authors_cli_predict_and_to_torch(tmp_path):
   phi = state(parts["phi"])
   assert phi["model.embed_tokens.weight"].shape[0] == n_rows and "lm_head.bias" not in phi
   assert not any("lora" in k for k in phi)
-  ckpt = {f"model.vision_tower.vision_model.{k}": x for k, x in state(parts["siglip"]).items()}
-  ckpt |= {f"model.mm_projector.{k}": x for k, x in state(parts["projector"]).items()} | phi
-  ckpt |= {f"SEG_token_projector.{k}": x for k, x in state(seg_proj).items()}
   sd = state(parts["mask2former"])
   assert np.abs(sd["pixel_level_module.decoder.adapter_1.0.bias"]).min() > 0
-  part = lambda p: {k[len(p):]: x for k, x in sd.items() if k.startswith(p)}  # noqa: E731
-  ckpt |= {f"model.vision_tower_mask.{k}": x for k, x in _swin_to_authors(part("pixel_level_module.encoder.")).items()}
-  ckpt |= {f"pixel_decoder.{k}": x for k, x in _pixel_decoder_to_authors(part("pixel_level_module.decoder.")).items()}
-  ckpt |= {f"predictor.{k}": x for k, x in _predictor_to_authors(part("transformer_module."), rng,
-                                                                 m.mask_decoder.hidden_dim).items()}
+  ckpt = _authors_state(mipha_state(parts), seg_proj, parts["mask2former"], rng, m.mask_decoder.hidden_dim)
   src = tmp_path / "their_release"
   os.makedirs(src)
   save_file(ckpt, str(src / "model.safetensors"))
@@ -423,3 +424,53 @@ def test_from_authors_cli_predict_and_to_torch(tmp_path):
   assert theirs["tokens"] == tokens
   for a, b in zip(theirs["masks"], masks, strict=True):
     assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.99
+
+
+# ---------------------------------------------------------------------- shapes: the checkpoint's, not the file's
+def test_from_authors_takes_the_checkpoint_sizes(tmp_path):
+  """Their checkpoint's Phi / SigLIP / Swin sizes differ from the experiment file's: with no --config.model
+  flag W/config.json holds the checkpoint's (Phi from their config.json, which lacks the vision sizes: those
+  and the mask head's from the tensors) and W loads; an override flag still wins over config.json."""
+  exp_overrides = TINY_OVERRIDES + ["--config.model.lora.rank=0"]
+  exp = tmp_path / "experiment.py"
+  exp.write_text("from segearth_jax.config import load_config\n\n\ndef get_config(arg=None):\n"
+                 f"  return load_config({os.path.join(REPO, 'experiments', 'toy.py')!r}, {exp_overrides!r})\n")
+  base = load_config(str(exp)).model
+  theirs = tiny_config("--config.model.lora.rank=0", "--config.model.llm.hidden_size=96",
+                       "--config.model.llm.num_hidden_layers=3", "--config.model.llm.intermediate_size=160",
+                       "--config.model.llm.layer_norm_eps=1e-6", "--config.model.vision.intermediate_size=96",
+                       "--config.model.vision.layer_norm_eps=1e-5",
+                       "--config.model.swin.depths=(1,1,2,1)").model
+  assert (theirs.llm.hidden_size, theirs.llm.num_hidden_layers, theirs.vision.intermediate_size,
+          tuple(theirs.swin.depths)) != (base.llm.hidden_size, base.llm.num_hidden_layers,
+                                         base.vision.intermediate_size, tuple(base.swin.depths))
+  parts = hf_parts(theirs, seed=5, fpn="authors")
+  seg_proj = torch.nn.Linear(theirs.llm.hidden_size, theirs.mask_decoder.hidden_dim)
+  src = tmp_path / "their_release"
+  os.makedirs(src)
+  save_file(_authors_state(mipha_state(parts), seg_proj, parts["mask2former"], np.random.default_rng(6),
+                           theirs.mask_decoder.hidden_dim), str(src / "model.safetensors"))
+  their_json = mipha_config_dict(theirs)
+  (src / "config.json").write_text(json.dumps({k: v for k, v in their_json.items() if k != "vision_config"}))
+  _their_tokenizer(tmp_path / "their_tok")
+
+  def convert(out, *flags):
+    assert cli.main(["convert", "from-authors", "--config", str(exp), "--checkpoint", str(src),
+                     "--tokenizer", str(tmp_path / "their_tok"), "--out", out, *flags]) == 0
+    return load_run_config(out).model
+
+  W = str(tmp_path / "W")
+  got = convert(W)
+  assert got.llm.hidden_size == 96 and got.llm.num_hidden_layers == 3 and got.llm.intermediate_size == 160
+  assert got.llm.layer_norm_eps == 1e-6                       # from their config.json: no tensor shows it
+  assert got.vision.intermediate_size == 96 and got.vision.image_size == theirs.vision.image_size
+  assert tuple(got.swin.depths) == (1, 1, 2, 1) and got.pixel_decoder.fpn == "authors"
+  params = load_params(W)
+  q = params["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert np.shape(q) == (3, 96, 96) and np.shape(params["seg_projector"]["kernel"])[0] == 96
+  got = convert(str(tmp_path / "W2"), "--config.model.llm.layer_norm_eps=1e-3")
+  assert got.llm.layer_norm_eps == 1e-3 and got.llm.hidden_size == 96
+  assert got.vision.layer_norm_eps == base.vision.layer_norm_eps != 1e-5   # no tensor shows it
+  (src / "config.json").write_text(json.dumps(their_json))   # with their vision_config: its fields are used
+  got = convert(str(tmp_path / "W3"))
+  assert got.vision.layer_norm_eps == 1e-5 and got.vision.intermediate_size == 96 and got.llm.hidden_size == 96

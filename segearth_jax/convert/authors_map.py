@@ -50,7 +50,15 @@ named *q_proj*/*v_proj* outside the vision towers and mask modules). Two layouts
       `.default` may be absent) -> llm/layers/self_attn/{q_proj,v_proj}/lora/{a,b}. PEFT's scale
       (alpha / r) is not stored in a state dict: ours comes from config.model.lora, which must match
       the training run (theirs: alpha=16, r=8).
-A DeepSpeed `module.` prefix is stripped too. Sources: whatever tensor_io.open_checkpoint reads (a folder
+A DeepSpeed `module.` prefix is stripped too.
+
+Shapes (``authors_model_fields``): the model's sizes come from the checkpoint, not from the experiment file.
+A folder's config.json (their model is a MiphaPhiForCausalLM: a Mipha/LLaVA-Phi config, read by
+mipha.mipha_model_fields) gives the Phi and SigLIP fields; where it has no `vision_config`, or there is no
+config.json (a file, a state dict), the tensors give the sizes they fix (widths, layer counts, patch and image
+size) and the settings no tensor shows (head counts, eps, activations) stay the experiment's. The mask head's
+always come from the tensors (mask2former.mask2former_model_fields); `--config.model.*` overrides win over
+all of them, and W/config.json stores the result. Sources: whatever tensor_io.open_checkpoint reads (a folder
 of safetensors, sharded or not, or of `pytorch_model*.bin`; one .safetensors / .bin / .pt file, loaded with
 torch.load(weights_only=True); an in-memory dict of torch / numpy tensors). Tensors are cast to float32
 (their release is float16) unless ``dtype`` says otherwise. The layer layout follows `model.scan_layers`.
@@ -58,16 +66,19 @@ torch.load(weights_only=True); an in-memory dict of torch / numpy tensors). Tens
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from segearth_jax import sharding as shd
 from segearth_jax.config import load_config
 from segearth_jax.convert import name_map as nm
-from segearth_jax.convert.checkpoint import DEFAULT_CONFIG, lora_layout, new_lora_params
-from segearth_jax.convert.mask2former import import_mask2former
+from segearth_jax.convert.checkpoint import DEFAULT_CONFIG, checkpoint_config, lora_layout, new_lora_params
+from segearth_jax.convert.mask2former import import_mask2former, mask2former_model_fields
+from segearth_jax.convert.mipha import mipha_model_fields
 from segearth_jax.convert.phi_map import ROTARY_BUFFERS, lora_rules, phi_rules, resize_token_embeddings
 from segearth_jax.convert.pixel_decoder_map import fpn_conv_names, with_fpn_biases
 from segearth_jax.convert.siglip_map import projector_rules, siglip_ignore, siglip_rules
@@ -218,8 +229,77 @@ def authors_config(config):
   return config
 
 
-def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, seed: int = 0) -> dict:
-  """The authors' checkpoint -> params shaped as the model of ``authors_config(config)``.
+def _num_layers(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
+  """The layer count of ``tree[name]`` (nn.scan-stacked: the leading axis of ``leaf``) or of 'name_{i}' keys."""
+  if name in tree:
+    node = tree[name]
+    for k in leaf:
+      node = node[k]
+    return int(np.shape(node)[0])
+  return sum(bool(re.fullmatch(rf"{name}_\d+", k)) for k in tree)
+
+
+def _first_layer(tree: Mapping, name: str) -> tuple[Mapping, bool]:
+  """(the first layer's params, whether they carry the stacked layer axis)."""
+  return (tree[name], True) if name in tree else (tree[f"{name}_0"], False)
+
+
+def _vision_tower_from_tensors(vision: Mapping, base) -> dict:
+  """Our SigLIP params -> a Mipha config.json `vision_config.vision_tower` (HF names) with the sizes the
+  tensors fix; head count, eps, activation and the selected layer are ``base``'s (the model ConfigDict)."""
+  emb = vision["embeddings"]
+  kernel = np.shape(emb["patch_embedding"]["kernel"])           # [p, p, C, hidden]
+  side = int(round(np.sqrt(np.shape(emb["position_embedding"])[-2])))
+  enc = vision["encoder"]
+  block, _ = _first_layer(enc, "layers")
+  b = base.vision
+  return dict(hidden_size=int(kernel[-1]), num_channels=int(kernel[2]), patch_size=int(kernel[0]),
+              image_size=side * int(kernel[0]), num_hidden_layers=_num_layers(enc, "layers", ("mlp", "fc1", "kernel")),
+              intermediate_size=int(np.shape(block["mlp"]["fc1"]["kernel"])[-1]),
+              num_attention_heads=int(b.num_attention_heads), layer_norm_eps=float(b.layer_norm_eps),
+              hidden_act=str(b.hidden_act), mm_vision_select_layer=int(b.feature_layer))
+
+
+def _llm_from_tensors(llm: Mapping) -> dict:
+  """Our Phi params -> the llm fields the tensors fix (the rest stay the experiment's)."""
+  block, _ = _first_layer(llm, "layers")
+  return dict(hidden_size=int(np.shape(llm["embed_tokens"]["embedding"])[1]),
+              intermediate_size=int(np.shape(block["mlp"]["fc1"]["kernel"])[-1]),
+              num_hidden_layers=_num_layers(llm, "layers", ("mlp", "fc1", "kernel")))
+
+
+def authors_model_fields(src, params: Mapping, base) -> dict:
+  """The model config fields the authors' checkpoint ``src`` (imported as ``params``) fixes: {part: {field:
+  value}} for 'vision', 'llm', 'swin', 'pixel_decoder', 'mask_decoder' (+ 'projector_hidden_act' from a
+  config.json); see the module docstring. ``base``: the experiment's model ConfigDict. llm.vocab_size is
+  the LM head's rows (theirs is never resized; the embedding is padded up to it)."""
+  path = os.path.join(src, "config.json") if isinstance(src, (str, os.PathLike)) and os.path.isdir(src) else None
+  if path and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path}: not a readable JSON file ({e})") from e
+    if isinstance(d, Mapping) and "vision_config" not in d:   # their config without the vision tower's sizes
+      d = dict(d, vision_config=dict(vision_tower=_vision_tower_from_tensors(params["vision"], base)))
+      try:
+        fields = mipha_model_fields(d)
+      except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+    else:
+      fields = mipha_model_fields(path)   # its errors name the file
+  else:
+    tower = _vision_tower_from_tensors(params["vision"], base)
+    tower["feature_layer"] = tower.pop("mm_vision_select_layer")
+    fields = dict(vision=tower, llm=_llm_from_tensors(params["llm"]))
+  fields["llm"] = dict(fields["llm"], vocab_size=int(np.shape(params["llm"]["lm_head"]["kernel"])[-1]))
+  return {**fields, **mask2former_model_fields(None, params["mask_head"], base)}
+
+
+def import_authors_checkpoint(path, config, *, overrides: Sequence[str] = (), vocab_size: int | None = None,
+                              seed: int = 0):
+  """The authors' checkpoint -> (params, the experiment ConfigDict of their model): its shapes are the
+  checkpoint's (``authors_model_fields``), then ``overrides`` (``--config.a.b=v``), then ``authors_config``.
 
   Vocab: their embedding has fewer rows than their LM head (see the module docstring); it is padded up
   to the head, and both grow only to fit ``vocab_size`` (the tokenizer length, `<image>` included) or the
@@ -227,9 +307,10 @@ def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, se
   enough is never grown. LoRA: a PEFT-wrapped source keeps its A/B (its rank and targets must match
   config.model.lora); a merged one gets fresh LoRA children (B = 0) when the config asks for LoRA.
   Raises UserError naming the key or the shape that does not fit."""
-  config = authors_config(config)
+  probe = checkpoint_config(config, {}, overrides)
+  params = authors_to_ours(path, scan_layers=bool(probe.model.scan_layers))
+  config = authors_config(checkpoint_config(config, authors_model_fields(path, params, probe.model), overrides))
   m = config.model
-  params = authors_to_ours(path, scan_layers=bool(m.scan_layers))
   what = f"authors' checkpoint {path if isinstance(path, (str, os.PathLike)) else '(state dict)'}"
   llm = params["llm"]
   try:
@@ -258,7 +339,8 @@ def import_authors_checkpoint(path, config, *, vocab_size: int | None = None, se
   if head < padded:  # the tokenizer or the config's vocab needs more rows: grow both as from-hf does
     params["llm"] = resize_token_embeddings(params["llm"], padded, pad_to_multiple_of=None, seed=seed)
   check_params(flatten(params), setup.abstract_params, what)
-  return params
+  m.llm.vocab_size = int(np.shape(params["llm"]["embed_tokens"]["embedding"])[0])   # the rows the params hold
+  return params, config
 
 
 def _pad_embedding(llm: dict, rows: int, seed: int) -> dict:
@@ -273,22 +355,25 @@ def _pad_embedding(llm: dict, rows: int, seed: int) -> dict:
   return dict(llm, embed_tokens=grown["embed_tokens"])
 
 
-def from_authors(src: str, out_dir: str, config, tokenizer=None, *, seed: int = 0) -> dict:
+def from_authors(src: str, out_dir: str, config, tokenizer=None, *, overrides: Sequence[str] = (),
+                 seed: int | None = None) -> dict:
   """The authors' checkpoint -> a weights folder W (`segearth convert from-authors --checkpoint SRC
-  --out W`; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer; W's config is ``authors_config``'s,
-  with the vocab rows W holds). Returns the params."""
-  config = authors_config(config)
-  params = import_authors_checkpoint(src, config, vocab_size=len(tokenizer) if tokenizer is not None else None,
-                                     seed=seed)
-  config.model.llm.vocab_size = int(np.shape(params["llm"]["embed_tokens"]["embedding"])[0])   # the rows W holds
+  --out W`; ``tokenizer``: theirs, with [SEG], saved to W/tokenizer). W/config.json is ``config`` with the
+  checkpoint's shapes, then ``overrides``, then fpn='authors' (``import_authors_checkpoint``), so W loads
+  with no flags. ``seed`` (default config.train.seed after the overrides): fresh LoRA A and new vocab rows.
+  Returns the params."""
+  if seed is None:
+    seed = int(checkpoint_config(config, {}, overrides).train.seed)
+  params, config = import_authors_checkpoint(src, config, overrides=overrides, seed=seed,
+                                             vocab_size=len(tokenizer) if tokenizer is not None else None)
   save_weights(params, config, out_dir, tokenizer, note=dict(authors_checkpoint=os.path.abspath(src), seed=seed))
   return params
 
 
 def from_authors_cli(args) -> int:
-  """`segearth convert from-authors --checkpoint SRC --tokenizer DIR --out W [--config CFG]`."""
-  config = load_config(args.config or DEFAULT_CONFIG, getattr(args, "overrides", None) or [])
+  """`segearth convert from-authors --checkpoint SRC --tokenizer DIR --out W [--config CFG] [--config.a.b=v ...]`."""
+  config = load_config(args.config or DEFAULT_CONFIG)
   tokenizer = load_tokenizer(args.tokenizer)
-  from_authors(args.checkpoint, args.out, config, tokenizer, seed=int(config.train.seed))
+  from_authors(args.checkpoint, args.out, config, tokenizer, overrides=getattr(args, "overrides", None) or [])
   print(f"written: {args.out} (use --weights {args.out} or --config.train.init_from={args.out})")
   return 0
