@@ -77,7 +77,7 @@ from segearth_jax import sharding as shd
 from segearth_jax.config import load_config
 from segearth_jax.convert import name_map as nm
 from segearth_jax.convert.checkpoint import DEFAULT_CONFIG, checkpoint_config, lora_layout, new_lora_params
-from segearth_jax.convert.mask2former import import_mask2former, mask2former_model_fields
+from segearth_jax.convert.mask2former import first_layer, import_mask2former, layer_count, mask2former_model_fields
 from segearth_jax.convert.mipha import mipha_model_fields
 from segearth_jax.convert.phi_map import ROTARY_BUFFERS, lora_rules, phi_rules, resize_token_embeddings
 from segearth_jax.convert.pixel_decoder_map import fpn_conv_names, with_fpn_biases
@@ -229,21 +229,6 @@ def authors_config(config):
   return config
 
 
-def _num_layers(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
-  """The layer count of ``tree[name]`` (nn.scan-stacked: the leading axis of ``leaf``) or of 'name_{i}' keys."""
-  if name in tree:
-    node = tree[name]
-    for k in leaf:
-      node = node[k]
-    return int(np.shape(node)[0])
-  return sum(bool(re.fullmatch(rf"{name}_\d+", k)) for k in tree)
-
-
-def _first_layer(tree: Mapping, name: str) -> tuple[Mapping, bool]:
-  """(the first layer's params, whether they carry the stacked layer axis)."""
-  return (tree[name], True) if name in tree else (tree[f"{name}_0"], False)
-
-
 def _vision_tower_from_tensors(vision: Mapping, base) -> dict:
   """Our SigLIP params -> a Mipha config.json `vision_config.vision_tower` (HF names) with the sizes the
   tensors fix; head count, eps, activation and the selected layer are ``base``'s (the model ConfigDict)."""
@@ -251,10 +236,10 @@ def _vision_tower_from_tensors(vision: Mapping, base) -> dict:
   kernel = np.shape(emb["patch_embedding"]["kernel"])           # [p, p, C, hidden]
   side = int(round(np.sqrt(np.shape(emb["position_embedding"])[-2])))
   enc = vision["encoder"]
-  block, _ = _first_layer(enc, "layers")
+  block, _ = first_layer(enc, "layers")
   b = base.vision
   return dict(hidden_size=int(kernel[-1]), num_channels=int(kernel[2]), patch_size=int(kernel[0]),
-              image_size=side * int(kernel[0]), num_hidden_layers=_num_layers(enc, "layers", ("mlp", "fc1", "kernel")),
+              image_size=side * int(kernel[0]), num_hidden_layers=layer_count(enc, "layers", ("mlp", "fc1", "kernel")),
               intermediate_size=int(np.shape(block["mlp"]["fc1"]["kernel"])[-1]),
               num_attention_heads=int(b.num_attention_heads), layer_norm_eps=float(b.layer_norm_eps),
               hidden_act=str(b.hidden_act), mm_vision_select_layer=int(b.feature_layer))
@@ -262,10 +247,10 @@ def _vision_tower_from_tensors(vision: Mapping, base) -> dict:
 
 def _llm_from_tensors(llm: Mapping) -> dict:
   """Our Phi params -> the llm fields the tensors fix (the rest stay the experiment's)."""
-  block, _ = _first_layer(llm, "layers")
+  block, _ = first_layer(llm, "layers")
   return dict(hidden_size=int(np.shape(llm["embed_tokens"]["embedding"])[1]),
               intermediate_size=int(np.shape(block["mlp"]["fc1"]["kernel"])[-1]),
-              num_hidden_layers=_num_layers(llm, "layers", ("mlp", "fc1", "kernel")))
+              num_hidden_layers=layer_count(llm, "layers", ("mlp", "fc1", "kernel")))
 
 
 def authors_model_fields(src, params: Mapping, base) -> dict:

@@ -174,7 +174,7 @@ def _fields_from_config_json(path: str) -> dict:
   return out
 
 
-def _stacked_len(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
+def layer_count(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
   """Layers of the list ``name`` in our params: the leading axis of a stacked ``name`` (nn.scan), else the
   number of ``name_{i}`` subtrees."""
   if name in tree:
@@ -185,7 +185,7 @@ def _stacked_len(tree: Mapping, name: str, leaf: tuple[str, ...]) -> int:
   return sum(bool(re.fullmatch(rf"{name}_\d+", k)) for k in tree)
 
 
-def _first_layer(tree: Mapping, name: str) -> tuple[Mapping, bool]:
+def first_layer(tree: Mapping, name: str) -> tuple[Mapping, bool]:
   """(the subtree of layer 0 of the list ``name``, whether its leaves carry the stacked layer axis)."""
   return (tree[name], True) if name in tree else (tree[f"{name}_0"], False)
 
@@ -198,8 +198,8 @@ def _fields_from_tensors(params: Mapping, base) -> dict:
   stages = sorted((k for k in sw if re.fullmatch(r"stage\d+", k)), key=lambda k: int(k[5:]))
   depths, heads = [], []
   for s in stages:
-    depths.append(_stacked_len(sw[s], "blocks", ("fc1", "kernel")))
-    block, stacked = _first_layer(sw[s], "blocks")
+    depths.append(layer_count(sw[s], "blocks", ("fc1", "kernel")))
+    block, stacked = first_layer(sw[s], "blocks")
     table = np.shape(block["attention"]["relative_position_bias_table"])[int(stacked):]   # [(2w-1)**2, heads]
     heads.append(int(table[1]))
   side = int(round(np.sqrt(table[0])))
@@ -218,8 +218,8 @@ def _fields_from_tensors(params: Mapping, base) -> dict:
                        encoder_feedforward_dim=int(np.shape(enc["fc1"]["kernel"])[-1]),
                        num_attention_heads=weights // per_head)
   mask_decoder = dict(hidden_dim=int(np.shape(md["layernorm"]["scale"])[0]),
-                      num_layers=_stacked_len(md, "layers", ("fc1", "kernel")),
-                      dim_feedforward=int(np.shape(_first_layer(md, "layers")[0]["fc1"]["kernel"])[-1]))
+                      num_layers=layer_count(md, "layers", ("fc1", "kernel")),
+                      dim_feedforward=int(np.shape(first_layer(md, "layers")[0]["fc1"]["kernel"])[-1]))
   return dict(swin=swin, pixel_decoder=pixel_decoder, mask_decoder=mask_decoder)
 
 
