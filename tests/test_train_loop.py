@@ -280,12 +280,12 @@ def test_predict_overrides_apply_to_the_stored_config(toy_dataset, reference_run
 
 def test_eval_with_the_authors_protocol_records_it(toy_dataset, reference_run, tmp_path):
   """`segearth eval --config experiments/authors_eval.py:toy` on the toy run: their prompt, sampling,
-  float32 and GT resize; the JSON says so. Then teacher-forced: masks of the reference answer."""
+  float32 and GT resize; the JSON says so."""
   wd = reference_run["workdir"]
   data = [f"--config.data.data_dir={toy_dataset['data_dir']}", f"--config.data.tokenizer={toy_dataset['tokenizer']}",
-          *TINY_OVERRIDES[:7], "--config.data.text_buckets=(384,)", "--config.data.max_len=384",
+          *TINY_OVERRIDES[:7], "--config.data.text_buckets=(640,)", "--config.data.max_len=640",
           "--config.infer.max_new_tokens=12", "--config.train.batch_size=8"]
-  for variant in ("toy", "toy,teacher_forced"):
+  for variant in ("toy",):
     r = subprocess.run([sys.executable, "-m", "segearth_jax", "eval", "--config",
                         os.path.join(REPO, "experiments", f"authors_eval.py:{variant}"), "--workdir", wd,
                         "--split", "test", *data], env=_env(1), capture_output=True, text=True, timeout=900)
@@ -298,8 +298,4 @@ def test_eval_with_the_authors_protocol_records_it(toy_dataset, reference_run, t
     if variant == "toy":
       assert p["teacher_forced"] is False
       assert p["decoding"]["temperature"] == 0.2 and p["decoding"]["top_k"] == 50 and p["decoding"]["max_seg"] == 0
-    else:
-      assert p["teacher_forced"] is True and p["decoding"] is None
-      # every target with a [SEG] in the reference gets exactly its mask slot
-      assert all(x["n_pred"] == min(x["n_gt"], 2) for x in result["records"]), result["records"][:3]
     assert result["overall"]["units"] == sum(x["n_gt"] for x in result["records"]) > 0
