@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import json
 import os
 from typing import Iterable
 
@@ -19,6 +20,15 @@ from segearth_jax.errors import UserError
 
 class ConfigError(UserError, ValueError):
   """A config file or override that cannot be used; the message says which and why."""
+
+
+def read_json(path: str):
+  """A JSON file's contents; an unreadable or malformed file is a UserError naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable JSON file ({e})") from e
 
 
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

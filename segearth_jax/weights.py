@@ -26,7 +26,7 @@ import numpy as np
 
 from segearth_jax import sharding as shd
 from segearth_jax.checkpointing import Checkpointer
-from segearth_jax.config import apply_overrides
+from segearth_jax.config import apply_overrides, read_json
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
 from segearth_jax.experiment import base_config
@@ -79,12 +79,7 @@ def load_run_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.
   file = os.path.join(path, CONFIG)
   if not os.path.isfile(file):
     raise UserError(f"{path}: no {CONFIG}: neither a weights folder ({MARKER}) nor a training workdir")
-  try:
-    with open(file) as f:
-      stored = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{file}: not a readable config ({e})") from e
-  config = with_current_fields(stored, file)
+  config = with_current_fields(read_json(file), file)
   apply_overrides(config, overrides)
   return config
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from segearth_jax import presets
+from segearth_jax.config import read_json
 from segearth_jax.convert import name_map as nm
 from segearth_jax.convert.phi_map import (ROTARY_BUFFERS, attach_lora, phi_rules, read_peft_adapter,
                                           write_peft_adapter)
@@ -83,11 +84,7 @@ def mipha_model_fields(src: Mapping | str) -> dict:
     where = os.path.join(src, "config.json") if os.path.isdir(src) else os.fspath(src)
     if not os.path.isfile(where):
       raise UserError(f"{where}: no such file (expected the config.json of a Mipha/LLaVA-Phi folder)")
-    try:
-      with open(where) as f:
-        src = json.load(f)
-    except (OSError, ValueError) as e:
-      raise UserError(f"{where}: not a readable JSON file ({e})") from e
+    src = read_json(where)
   if not isinstance(src, Mapping):
     raise UserError(f"{where}: expected a JSON object, got {type(src).__name__}")
   d = dict(src)
