@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--val-images", type=_positive_int, default=None, help="val scenes (default 10%% of --images)")
   p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
   p.set_defaults(handler="segearth_jax.toy.release:cli_main")
+  p = dsub.add_parser("mosaic", help="2x2 mosaics of toy test scenes as GeoTIFFs (UTM) + semantic instructions "
+                                     "answered on the whole mosaic (needs the geo extra)")
+  p.add_argument("--release", required=True, help="a toy release folder (segearth data toy)")
+  p.add_argument("--out", required=True, help="output folder (created)")
+  p.add_argument("--n", type=_positive_int, default=8, help="number of mosaics (default 8)")
+  p.add_argument("--seed", type=int, default=0, help="random seed (which scenes, which wording)")
+  p.set_defaults(handler="segearth_jax.toy.mosaic:cli_main")
   p = dsub.add_parser("build", help="build a TFDS dataset (ArrayRecord, no TensorFlow) from its native layout")
   p.add_argument("name", help="laserss | rrsisd | refsegrs | earthreason")
   p.add_argument("--manual-dir", required=True, help="the unpacked release folder")
@@ -89,7 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--instruction", help="the instruction (with a folder: applied to every image)")
   p.add_argument("--jsonl", help="batch mode: lines of {\"image\": ..., \"instruction\": ...}")
   p.add_argument("--out", default="predictions")
-  p.set_defaults(handler="segearth_jax.predict:cli_main")
+  p.add_argument("--bands", default=None, help="rasters: the 1-based bands shown as RGB, e.g. 4,3,2 (default "
+                                               "the red/green/blue colour interpretation, else the first three)")
+  p.add_argument("--stretch", default="percentile", choices=("percentile", "minmax", "none"),
+                 help="non-uint8 rasters: per-band 2-98 percentile (default), min-max, or none (clip to 0..255)")
+  p.add_argument("--tiles", default="auto", choices=("auto", "off", "on"),
+                 help="scenes larger than the canvas: answer on an overview, masks on full-resolution tiles "
+                      "(auto: when the longer side exceeds the canvas)")
+  p.add_argument("--overlap", type=int, default=None, help="pixels between neighbouring tiles (default canvas/4)")
+  p.add_argument("--simplify", type=float, default=0.0, help="polygon simplification tolerance in pixels")
+  p.add_argument("--to-wgs84", action="store_true", help="targets.geojson in EPSG:4326 instead of the source CRS")
+  p.set_defaults(handler="segearth_jax.segment:cli_main")
+
+  p = sub.add_parser("serve", help="a local web page to try a model: upload an image, type, see the masks")
+  p.add_argument("--config", default=None, help="as for predict: run under this experiment file instead of "
+                                                "the stored config.json")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a training workdir (latest checkpoint)")
+  src.add_argument("--weights", help="a converted weights folder")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+  p.add_argument("--port", type=_positive_int, default=7860, help="default 7860")
+  p.add_argument("--max-pixels", type=_positive_int, default=50_000_000,
+                 help="largest image accepted, in pixels, checked before decoding (default 50000000)")
+  p.add_argument("--max-file-size", default="50mb", help="largest upload accepted (default 50mb)")
+  p.set_defaults(handler="segearth_jax.serve:cli_main")
 
   # convert --------------------------------------------------------------------------------------
   conv = sub.add_parser("convert", help="move checkpoints across the JAX/PyTorch border")
@@ -124,9 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=_positive_int, default=None)
   p.add_argument("--steps", type=_positive_int, default=10)
   p.set_defaults(handler="segearth_jax.bench:train_cli")
-  p = bsub.add_parser("predict", help="seconds per instruction (prefill + generation + masks)")
+  p = bsub.add_parser("predict", help="seconds per instruction (prefill + generation + masks); with "
+                                      "--scene-factor, seconds and peak host RSS per tiled GeoTIFF scene")
   _config_args(p)
   p.add_argument("--steps", type=_positive_int, default=5)
+  p.add_argument("--scene-factor", type=_positive_int, default=None,
+                 help="a synthetic GeoTIFF of this many canvases' area through the tiled path (e.g. 4, 16; "
+                      "one factor per process: the RSS peak is the process's)")
+  p.add_argument("--overlap", type=int, default=None, help="with --scene-factor: tile overlap (default canvas/4)")
   p.set_defaults(handler="segearth_jax.bench:predict_cli")
 
   p = sub.add_parser("compile", help="AOT-compile the sharded train step for a TPU slice (needs libtpu)")

@@ -1,13 +1,17 @@
-"""The predict core: generation + mask decoding as one jitted function, and `segearth predict` on it.
+"""The predict core: generation + mask decoding as one jitted function, and the files a prediction writes.
 
 ``make_predict_fn(setup, eos_id=, seg_id=, max_new_tokens=, temperature=, top_k=, top_p=, max_seg=)`` ->
-jitted ``(params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks bool [B,K,M,M]`` (the masks
-on the letterboxed M x M canvas; K = generate.seg_slots(max_seg, model.max_seg, T): the [SEG] cap). Evaluation and the command line both run it.
+jitted ``(params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks bool [B,K,M,M], scores
+f32 [B,K], seg_hidden [B,K,D]`` (the masks on the letterboxed M x M canvas; K = generate.seg_slots(max_seg,
+model.max_seg, T): the [SEG] cap). Evaluation and segment.Segmenter both run it.
+``make_tile_logits_fn(setup)`` -> jitted ``(params, swin_image [B,M,M,3], seg_hidden [B,K,D], seg_valid
+[B,K]) -> f32 [B,K,M,M]``: the mask head alone on other pixels for the [SEG] states of an answer (the tiled
+path of large scenes).
 
-`segearth predict`: an image and an instruction in; answer text, one mask per [SEG] at the original image
-size (PNG + COCO RLE JSON) and an overlay picture out. Batch mode over a folder or a JSONL file. The image
-goes through the same preprocessing as evaluation (SigLIP resize, Swin letterbox); masks come back on the
-letterboxed canvas and are cropped and resized to the original image.
+`segearth predict` (segment.cli_main) writes, per image: mask_{i}.png at the original image size, COCO
+RLE in prediction.json and an overlay picture (``write_prediction``). The image goes through the same
+preprocessing as evaluation (SigLIP resize, Swin letterbox); masks come back on the letterboxed canvas and
+are cropped and resized to the original image. ``Predictor`` is the batch-1 one-device form (serve.py).
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from segearth_jax import sharding as shd
-from segearth_jax.config import load_config
 from segearth_jax.data import rle
 from segearth_jax.data.answer import phrases_of
 from segearth_jax.data.batch import device_part
@@ -57,10 +60,25 @@ def read_image(path: str) -> np.ndarray:
     raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})")
 
 
+def mask_scores(logits, masks, letterbox=None):
+  """logits f32 [B,K,M,M], masks bool [B,K,M,M] -> f32 [B,K]: the mean sigmoid probability inside each
+  mask, over the image region of the canvas (letterbox i32 [B,4]; None = the whole canvas); 0 for an
+  empty mask."""
+  if letterbox is not None:
+    m = logits.shape[-1]
+    inside = ((jnp.arange(m)[None, :, None] < letterbox[:, 2, None, None])
+              & (jnp.arange(m)[None, None, :] < letterbox[:, 3, None, None]))
+    masks = masks & inside[:, None]
+  count = masks.sum((-2, -1))
+  total = jnp.where(masks, jax.nn.sigmoid(logits), 0.0).sum((-2, -1))
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
 def make_predict_fn(setup: ModelSetup, *, eos_id: int, seg_id: int, max_new_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_seg: int = -1):
   """Jitted: (params, batch, rng) -> tokens [B,T], lengths [B], seg_valid [B,K], masks [B,K,M,M] (bool,
-  canvas size). Decoding as `generate` (temperature 0 = greedy; top_k 0 / top_p 1.0 = off; rng the
+  canvas size), scores f32 [B,K] (mask_scores; inside the letterbox when the batch has one), seg_hidden
+  [B,K,D] (the [SEG] states the masks come from: the tiled mask head reuses them). Decoding as `generate` (temperature 0 = greedy; top_k 0 / top_p 1.0 = off; rng the
   sampling key). K = seg_slots(max_seg, model.max_seg, max_new_tokens): -1 = model.max_seg, 0 = no cap
   (K = max_new_tokens), n = n; the mask head decodes all K slots."""
   model = setup.model
@@ -79,9 +97,25 @@ def make_predict_fn(setup: ModelSetup, *, eos_id: int, seg_id: int, max_new_toke
     b, k = logits.shape[:2]
     up = jax.image.resize(logits.astype(jnp.float32), (b, k, M, M), "bilinear")
     masks = (up > 0) & gen["seg_valid"][..., None, None]
-    return dict(tokens=gen["tokens"], lengths=gen["lengths"], seg_valid=gen["seg_valid"], masks=masks)
+    return dict(tokens=gen["tokens"], lengths=gen["lengths"], seg_valid=gen["seg_valid"], masks=masks,
+                scores=mask_scores(up, masks, batch.get("letterbox")), seg_hidden=gen["seg_hidden"])
 
   return jax.jit(predict)
+
+
+def make_tile_logits_fn(setup: ModelSetup):
+  """Jitted: (params, swin_image f32 [B,M,M,3], seg_hidden [B,K,D], seg_valid bool [B,K]) -> mask logits
+  f32 [B,K,M,M] (the last decoder prediction, bilinear from stride 4 to the canvas, as make_predict_fn)."""
+  model = setup.model
+  M = model.config.swin.image_size
+
+  def tile_logits(params, swin_image, seg_hidden, seg_valid):
+    logits = model.apply({"params": params}, swin_image, seg_hidden, seg_valid,
+                         method=model.masks_from_hidden)[-1]
+    b, k = logits.shape[:2]
+    return jax.image.resize(logits.astype(jnp.float32), (b, k, M, M), "bilinear")
+
+  return jax.jit(tile_logits)
 
 
 def predict_fn_of(setup: ModelSetup, tokenizer):
@@ -179,15 +213,23 @@ class Predictor:
     ex = self.pre(dict(id="predict", image=image, masks=[], answer="", instruction=instruction))
     batch = trim_to_bucket({k: np.asarray(v)[None] for k, v in ex.items()}, self.pre.buckets)
     out = jax.device_get(self.fn(self.params, device_part(batch), self.rng))
-    n = int(out["seg_valid"][0].sum())
-    tokens = out["tokens"][0, : int(out["lengths"][0])]
-    answer = self.tokenizer.decode(tokens, skip_special_tokens=False).replace(self.tokenizer.eos_token or "", "")
-    h, w, rh, rw = (int(v) for v in ex["letterbox"])
-    masks = []
-    for k in range(n):
-      m = out["masks"][0, k, :rh, :rw].astype(np.uint8) * 255
-      masks.append(np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) > 127)
-    return dict(answer=answer.strip(), masks=masks, phrases=phrases_of(answer, n), tokens=tokens.tolist())
+    answer, phrases, masks, tokens = decode_row(self.tokenizer, {k: v[0] for k, v in out.items()}, ex["letterbox"])
+    return dict(answer=answer, masks=masks, phrases=phrases, tokens=tokens)
+
+
+def decode_row(tokenizer, row: dict, letterbox, valid: np.ndarray | None = None):
+  """One row of the predict fn's output -> (answer text, phrases, masks at the input's size, token ids):
+  the letterbox cropped and resized back (nearest); ``valid`` (bool [h, w]) keeps masks off nodata."""
+  n = int(row["seg_valid"].sum())
+  tokens = row["tokens"][: int(row["lengths"])]
+  answer = tokenizer.decode(tokens, skip_special_tokens=False).replace(tokenizer.eos_token or "", "")
+  h, w, rh, rw = (int(v) for v in letterbox)
+  masks = []
+  for k in range(n):
+    m = row["masks"][k, :rh, :rw].astype(np.uint8) * 255
+    m = np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) > 127
+    masks.append(m if valid is None else m & valid)
+  return answer.strip(), phrases_of(answer, n), masks, [int(t) for t in tokens]
 
 
 def write_prediction(result: dict, image: np.ndarray, out_dir: str, instruction: str) -> str:
@@ -197,56 +239,13 @@ def write_prediction(result: dict, image: np.ndarray, out_dir: str, instruction:
     Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(out_dir, f"mask_{i}.png"))
     rles.append(rle.encode(m))
   with open(os.path.join(out_dir, "prediction.json"), "w") as f:
-    json.dump(dict(instruction=instruction, answer=result["answer"], phrases=result["phrases"], masks=rles),
-              f, indent=2)
+    record = dict(instruction=instruction, answer=result["answer"], phrases=result["phrases"], masks=rles)
+    if "scores" in result:
+      record["scores"] = [round(float(v), 4) for v in result["scores"]]
+    json.dump(record, f, indent=2)
   overlay = os.path.join(out_dir, "overlay.png")
   draw_overlay(image, result["masks"], result["phrases"], title=f"Q: {instruction}  A: {result['answer']}").save(overlay)
   return overlay
-
-
-def _jobs(args) -> list[tuple[str, str]]:
-  if args.jsonl:
-    jobs = []
-    with open(args.jsonl) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-          jobs.append((rec["image"], rec["instruction"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise UserError(f"{args.jsonl}: line {n}: needs {{\"image\": ..., \"instruction\": ...}} ({e})")
-    return jobs
-  if not args.image:
-    raise UserError("give --image (a file or a folder) or --jsonl")
-  if not args.instruction:
-    raise UserError("give --instruction")
-  if os.path.isdir(args.image):
-    files = sorted(f for f in os.listdir(args.image) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-      raise UserError(f"{args.image}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [(os.path.join(args.image, f), args.instruction) for f in files]
-  return [(args.image, args.instruction)]
-
-
-def cli_main(args) -> int:
-  jobs = _jobs(args)
-  for path, _ in jobs:   # fail before loading the model
-    if not os.path.isfile(path):
-      raise UserError(f"{path}: no such image file")
-  # --config runs the stored params under that experiment file; otherwise the run's own config.json,
-  # with the --config.a.b=v overrides applied to it
-  config = load_config(args.config, args.overrides) if args.config else None
-  predictor = Predictor.load(args.workdir or args.weights, config, args.overrides)
-  for i, (path, instruction) in enumerate(jobs):
-    image = read_image(path)
-    result = predictor(image, instruction)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    out_dir = args.out if len(jobs) == 1 else os.path.join(args.out, f"{i:04d}_{stem}")
-    overlay = write_prediction(result, image, out_dir, instruction)
-    print(json.dumps(dict(image=path, instruction=instruction, answer=result["answer"],
-                          masks=len(result["masks"]), overlay=overlay)))
-  return 0
 
 
 def predict_examples(config, workdir: str, release_dir: str, out_dir: str, n: int = 8) -> list[str]:

@@ -1,11 +1,23 @@
 """Tests run on 8 fake CPU devices (for the sharding tests) with float32 'highest' matmul precision
-(parity tests compare against transformers' PyTorch modules in float32)."""
+(parity tests compare against transformers' PyTorch modules in float32).
+
+One persistent XLA compilation cache per test session (a fresh temp folder, removed at the end; the
+subprocess tests inherit it): the same tiny step built by several tests or processes compiles once, so
+`make test` stays within its time on 2 cores. Nothing from an earlier session is reused."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="segearth-test-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402

@@ -43,7 +43,8 @@ def test_cli_help_for_every_command():
   for argv in (["--help"], ["data", "--help"], ["data", "toy", "--help"], ["data", "build", "--help"],
                ["train", "--help"], ["eval", "--help"], ["predict", "--help"], ["convert", "--help"],
                ["convert", "from-hf", "--help"], ["convert", "to-torch", "--help"], ["bench", "--help"],
-               ["bench", "train", "--help"], ["compile", "--help"], ["demo", "--help"]):
+               ["bench", "train", "--help"], ["bench", "predict", "--help"], ["compile", "--help"],
+               ["demo", "--help"], ["data", "mosaic", "--help"], ["serve", "--help"], ["report", "--help"]):
     with pytest.raises(SystemExit) as e:
       cli.main(argv)
     assert e.value.code == 0, argv

@@ -1,10 +1,11 @@
 """The package's import graph, read from the source (ast): no cycles, and imports run one way.
 
-  entry points (cli, demo, bench, aot, train, evaluate, predict)
-    -> model_setup / weights / generate / data / toy / convert
+  entry points (cli, demo, bench, aot, serve -> segment -> train, evaluate, predict)
+    -> model_setup / weights / generate / data / toy / convert / geo, tiling
     -> models -> models.layers, sharding, presets, errors
-models/ never imports data/, toy/, convert/, train, evaluate, predict; convert/ never imports train, evaluate,
-predict; data/ never imports models/. Project imports sit at module top (a function-body import hides an
+models/ never imports data/, toy/, convert/, train, evaluate, predict, segment, serve, geo; convert/ never
+imports train, evaluate, predict, segment, serve; data/ never imports models/; geo and tiling (the scene I/O
+and the window arithmetic) import no model. Project imports sit at module top (a function-body import hides an
 edge of this graph), except the TFDS builders, which pull in tensorflow_datasets.
 """
 from __future__ import annotations
@@ -117,15 +118,22 @@ FORBIDDEN = [
     # (importer, imported, why)
     (("segearth_jax.models",), ("segearth_jax.data", "segearth_jax.toy", "segearth_jax.convert",
                                 "segearth_jax.train", "segearth_jax.evaluate", "segearth_jax.predict",
-                                "segearth_jax.weights", "segearth_jax.model_setup", "tfds_laserss"),
+                                "segearth_jax.weights", "segearth_jax.model_setup", "tfds_laserss",
+                                "segearth_jax.segment", "segearth_jax.serve", "segearth_jax.geo"),
      "models/ is below data, conversion and the entry points"),
     (("segearth_jax.convert",), ("segearth_jax.train", "segearth_jax.evaluate", "segearth_jax.predict",
-                                 "segearth_jax.bench", "segearth_jax.demo", "segearth_jax.aot"),
+                                 "segearth_jax.bench", "segearth_jax.demo", "segearth_jax.aot",
+                                 "segearth_jax.segment", "segearth_jax.serve"),
      "converters never import trainers, eval or predict"),
     (("segearth_jax.data", "tfds_laserss"), ("segearth_jax.models",), "data never imports models"),
     (("segearth_jax.weights", "segearth_jax.model_setup", "segearth_jax.checkpointing"),
      ("segearth_jax.train", "segearth_jax.evaluate", "segearth_jax.predict", "segearth_jax.convert"),
      "our on-disk params sit below the trainer and the converters"),
+    (("segearth_jax.geo", "segearth_jax.tiling"),
+     ("segearth_jax.models", "segearth_jax.model_setup", "segearth_jax.predict", "segearth_jax.segment",
+      "segearth_jax.serve"), "scene I/O and window arithmetic know no model"),
+    (("segearth_jax.predict", "segearth_jax.segment", "segearth_jax.evaluate", "segearth_jax.train"),
+     ("segearth_jax.serve",), "the page sits on the inference API, never below it"),
 ]
 
 
