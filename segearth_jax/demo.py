@@ -89,4 +89,5 @@ def cli_main(args) -> int:
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(report) + "\n")
   print(f"\nreport: {os.path.join(out, 'report.md')}")
+  print(f"try the model in a browser: segearth serve --workdir {workdir}")
   return 0
