@@ -3,9 +3,15 @@
 Frozen params (SigLIP, Swin, the LLM base: most of the 3B) do not change, so they are written once to
 ``workdir/frozen`` instead of into every step's checkpoint. Restores go straight into the sharded layout
 of the abstract state handed in.
+
+``BestCheckpointer``: ``workdir/best``, a workdir of its own holding the one step with the highest eval
+metric (orbax best_fn, max_to_keep 1): best/checkpoints/<step> (state['params'] only), and, written by the
+trainer, best/config.json and best/frozen -> ../frozen, so `segearth eval --workdir W/best` loads it while
+``--workdir W`` keeps loading the latest step.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import grain
@@ -72,3 +78,31 @@ class Checkpointer:
   def restore_frozen(self, abstract_frozen):
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(self.frozen_dir, abstract_frozen)
+
+
+class BestCheckpointer:
+  """The trainable params of the step whose eval ``metric`` is highest so far (NaN counts as the lowest).
+  Every process calls ``save`` with the same value (the eval result is reduced across processes)."""
+
+  def __init__(self, workdir: str, metric: str, *, async_save: bool = True):
+    self.dir = os.path.join(os.path.abspath(workdir), "best")
+    self.metric = metric
+    self.manager = ocp.CheckpointManager(
+        os.path.join(self.dir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric], best_mode="max",
+                                             enable_async_checkpointing=async_save, create=True),
+        item_names=("state",))
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, params, value: float) -> None:
+    if step in self.manager.all_steps():   # a step redone after a restart: same params, already scored
+      return
+    value = float(value)
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(params=params))),
+                      metrics={self.metric: value if math.isfinite(value) else -1e30}, force=True)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,6 +1,8 @@
 """Experiment configs: ml_collections ConfigDict files loaded by path, overridable from the command line.
 
-An experiment file defines ``get_config(arg=None) -> ConfigDict``. ``path.py:arg`` passes ``arg``.
+An experiment file defines ``get_config(arg=None) -> ConfigDict``. ``path.py:arg`` passes ``arg``: everything
+after the first ':' (e.g. ``experiments/laserss_mipha3b.py:lambda_s=0.05,no_ls``); ``parse_arg`` reads it as
+comma-separated ``key=value`` pairs and bare ``key`` switches (big_vision's variant form).
 Overrides use the big_vision / absl form ``--config.train.steps=20``; values are parsed as Python
 literals when they parse, else kept as strings, and must match the type of the field they replace.
 """
@@ -47,6 +49,40 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   config = module.get_config(arg) if arg else module.get_config()
   apply_overrides(config, overrides)
   return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """An experiment's variant string -> one field per default, each of its default's type (bool, int, float,
+  str). ``"lambda_s=0.05,no_ls"`` with ``lambda_s=0.01, no_ls=False`` -> lambda_s 0.05, no_ls True: a bare key
+  switches a bool on. A key with no default (the error lists the known ones), a repeated key or a value of
+  the wrong type is a ConfigError."""
+  out = ml_collections.ConfigDict(defaults)
+  seen = set()
+  for item in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, has_value, text = (p.strip() for p in item.partition("="))
+    if key not in defaults:
+      raise ConfigError(f"variant {item!r}: unknown key {key!r}; known: {', '.join(sorted(defaults))}")
+    if key in seen:
+      raise ConfigError(f"variant {key!r} given twice in {arg!r}")
+    seen.add(key)
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ConfigError(f"variant {key!r} needs a value: {key}=<{type(default).__name__}>")
+      out[key] = True
+      continue
+    try:
+      if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        value = text.lower() in ("true", "1")
+      else:
+        value = type(default)(text)
+    except ValueError:
+      raise ConfigError(f"variant {item!r}: {key} takes a {type(default).__name__} value, got {text!r}") \
+          from None
+    out[key] = value
+  return out
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -9,10 +9,17 @@ config.eval (recorded in every result under "protocol", with the prompt and deco
   teacher_forced         the masks of the reference answer's [SEG] (no generation; their contest protocol)
   dtype                  compute dtype ('' = model.dtype; their eval runs float32)
 Records with no target report no-target accuracy (no [SEG] generated).
+
+Every process of a multi-host mesh runs ``evaluate``: each reads its own shard of the split, the jitted fn
+(eval_fn_of: outputs sharded like the batch rows) runs on the global batch, each process scores the rows it
+holds (local_rows: no transfer of another process's rows), the per-record scores are gathered
+(allgather_json) and summed in record order, so the result is the same on every process and for any process
+or device count; process 0 writes the JSON (evaluate_workdir).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -20,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from segearth_jax import sharding as shd
 from segearth_jax.config import load_config
@@ -66,6 +74,13 @@ def make_teacher_forced_fn(setup):
   return jax.jit(forward)
 
 
+def eval_fn_of(setup, tokenizer):
+  """The jitted masks function the protocol scores: teacher-forced or generated (``config.eval``)."""
+  fn = make_teacher_forced_fn(setup) if setup.config.eval.teacher_forced else predict_fn_of(setup, tokenizer)
+  # outputs sharded like the batch rows: each process reads back the rows of its own records (local_rows)
+  return jax.jit(fn, out_shardings=shd.batch_sharding(setup.mesh, 1))
+
+
 def protocol_of(config) -> dict:
   """What a reported number used: prompt, decoding, dtype, seed, GT mode (method.md §5, §7)."""
   e = config.eval
@@ -76,55 +91,108 @@ def protocol_of(config) -> dict:
 
 
 def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: bool = False,
-             max_batches: int | None = None, predict=None) -> dict:
-  """``predict``: a `make_predict_fn` result to reuse (one compile for several param sets)."""
+             max_examples: int | None = None, predict=None) -> dict:
+  """Scores ``split`` (its first ``max_examples`` records when given) on every process of the mesh: each
+  process generates its own shard of the records (data/pipeline.py's eval order: record p + j * n_proc on
+  process p) as one global batch per step, scores the rows it holds, and the per-record scores of every
+  process are gathered and summed in record order, so every process returns the same result and any
+  process count gives the same sums. ``predict``: an `eval_fn_of` result to reuse (one compile for several
+  param sets)."""
   config = setup.config
   gt_resize, teacher_forced = config.eval.gt_resize, bool(config.eval.teacher_forced)
   if gt_resize not in GT_RESIZE:
     raise UserError(f"eval.gt_resize must be one of {GT_RESIZE}, got {gt_resize!r}")
   M = setup.model.config.swin.image_size
   dataset = make_dataset(config, split, tokenizer=tokenizer, train=False)
-  predict = predict or (make_teacher_forced_fn(setup) if teacher_forced else predict_fn_of(setup, tokenizer))
+  predict = predict or eval_fn_of(setup, tokenizer)
+  pi, pc = jax.process_index(), jax.process_count()
+  B = config.train.batch_size // pc
+  n_batches = None if max_examples is None else math.ceil(max_examples / (B * pc))
+  scored = []
+  rng = jax.random.key(config.infer.seed)
+  for i, host in enumerate(dataset):
+    if n_batches is not None and i >= n_batches:
+      break
+    batch = global_batch(device_part(host), setup.batch_sharding)
+    with setup.mesh, shd.axis_rules():
+      out = jax.tree.map(local_rows, predict(params, batch, jax.random.fold_in(rng, i)))
+    for b in range(len(host["sample_valid"])):
+      index = pi + (i * B + b) * pc
+      if host["sample_valid"][b] and (max_examples is None or index < max_examples):
+        scored.append(_score_record(host, b, out, index, tokenizer, gt_resize, teacher_forced, M))
+  scored = sorted((s for part in allgather_json(scored) for s in part), key=lambda s: s["index"])
+  return _summarise(scored, split, config, with_baselines, teacher_forced)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows of a batch-sharded global array that this process holds, in order: the rows of the host
+  batch it put in (jax.make_array_from_process_local_data fills a process's rows in index order)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  rows = {}
+  for shard in x.addressable_shards:   # replicas of a row block on other mesh axes: one copy
+    rows.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])
+
+
+def allgather_json(obj) -> list:
+  """Every process's JSON-able ``obj``, in process order (one collective of the encoded bytes)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[: data.size] = data
+  everyone = np.asarray(multihost_utils.process_allgather(buf))
+  return [json.loads(everyone[p, : int(sizes[p])].tobytes()) for p in range(len(sizes))]
+
+
+def _sums(acc: IoUAccumulator) -> list:
+  return [acc.iou_sum, acc.units, acc.inter, acc.union]
+
+
+def _score_record(host, b, out, index, tokenizer, gt_resize, teacher_forced, canvas) -> dict:
+  """One record's scores as sums (mergeable across processes) and its error-analysis entry."""
+  # every target, the ones past the [SEG] cap included (they count as targets the model could not answer)
+  targets = [rle.decode(r) for r in json.loads(str(host["targets"][b]))]
+  n_gt = len(targets)
+  n_pred = int(np.sum(out["seg_valid"][b]))
+  preds, gts = scored_masks([out["masks"][b, j] for j in range(n_pred)], targets, host["letterbox"][b],
+                            gt_resize, canvas)
+  subsets = [s for s in str(host.get("subsets", [""] * (b + 1))[b]).split("|") if s]
+  acc, empty = IoUAccumulator(), IoUAccumulator()
+  ious = []
+  if n_gt:
+    ious = acc.add_record(preds, gts)
+    empty.add_record([], gts)
+  reference = str(host["answer"][b]) if "answer" in host else ""
+  answer = reference if teacher_forced else tokenizer.decode(out["tokens"][b, : int(out["lengths"][b])])
+  ref_phrases, got = PHRASE.findall(reference), PHRASE.findall(answer)
+  ok = sum(1 for j, p in enumerate(ref_phrases) if j < len(got) and got[j].strip() == p.strip())
+  # one entry per record, for error analysis (which subsets, wrong [SEG] count, which masks missed)
+  record = dict(id=str(host["example_id"][b]), subsets=subsets, answer=answer, reference=reference,
+                phrases_named=ok, n_pred=n_pred, n_gt=n_gt, ious=[round(float(v), 4) for v in ious])
+  return dict(index=index, sums=_sums(acc), empty=_sums(empty), ref_phrases=len(ref_phrases), record=record)
+
+
+def _summarise(scored: list, split: str, config, with_baselines: bool, teacher_forced: bool) -> dict:
+  """The result dict from per-record scores in record order (the order fixes the float sums)."""
   overall, empty = IoUAccumulator(), IoUAccumulator()
   per_subset = defaultdict(IoUAccumulator)
   no_target = [0, 0]
   named = [0, 0]     # reference phrases the answer repeats at the same position, of all reference phrases
-  records = []
-  rng = jax.random.key(config.infer.seed)
-  for i, host in enumerate(dataset):
-    if max_batches is not None and i >= max_batches:
-      break
-    batch = global_batch(device_part(host), setup.batch_sharding)
-    with setup.mesh, shd.axis_rules():
-      out = jax.device_get(predict(params, batch, jax.random.fold_in(rng, i)))
-    for b in range(len(host["sample_valid"])):
-      if not host["sample_valid"][b]:
-        continue
-      # every target, the ones past the [SEG] cap included (they count as targets the model could not answer)
-      targets = [rle.decode(r) for r in json.loads(str(host["targets"][b]))]
-      n_gt = len(targets)
-      n_pred = int(np.sum(out["seg_valid"][b]))
-      preds, gts = scored_masks([out["masks"][b, j] for j in range(n_pred)], targets, host["letterbox"][b],
-                                gt_resize, M)
-      subsets = [s for s in str(host.get("subsets", [""] * (b + 1))[b]).split("|") if s]
-      ious = []
-      if n_gt == 0:
-        no_target[0] += int(n_pred == 0)
-        no_target[1] += 1
-      else:
-        ious = overall.add_record(preds, gts)
-        empty.add_record([], gts)
-        for s in subsets:
-          per_subset[s].add_record(preds, gts)
-      # one entry per record, for error analysis (which subsets, wrong [SEG] count, which masks missed)
-      reference = str(host["answer"][b]) if "answer" in host else ""
-      answer = reference if teacher_forced else tokenizer.decode(out["tokens"][b, : int(out["lengths"][b])])
-      ref_phrases, got = PHRASE.findall(reference), PHRASE.findall(answer)
-      ok = sum(1 for j, p in enumerate(ref_phrases) if j < len(got) and got[j].strip() == p.strip())
-      named[0] += ok
-      named[1] += len(ref_phrases)
-      records.append(dict(id=str(host["example_id"][b]), subsets=subsets, answer=answer, reference=reference,
-                          phrases_named=ok, n_pred=n_pred, n_gt=n_gt, ious=[round(float(v), 4) for v in ious]))
+  for s in scored:
+    r = s["record"]
+    if r["n_gt"] == 0:
+      no_target[0] += int(r["n_pred"] == 0)
+      no_target[1] += 1
+    else:
+      overall.merge(IoUAccumulator(*s["sums"]))
+      empty.merge(IoUAccumulator(*s["empty"]))
+      for name in r["subsets"]:
+        per_subset[name].merge(IoUAccumulator(*s["sums"]))
+    named[0] += r["phrases_named"]
+    named[1] += s["ref_phrases"]
   result = dict(split=split, overall=overall.summary(),
                 subsets={k: v.summary() for k, v in sorted(per_subset.items())},
                 no_target_accuracy=(no_target[0] / no_target[1]) if no_target[1] else None,
@@ -132,10 +200,11 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
                 # text-side diagnosis: a target whose phrase differs from the reference's at its position
                 # is usually a wrong object (pairing is by order), whatever the mask head does
                 phrase_accuracy=(named[0] / named[1]) if named[1] and not teacher_forced else None,
-                phrases=named[1], protocol=protocol_of(config), records=records)
-  scored = [v for k, v in result["subsets"].items() if k != "no_target"]
-  result["mean_over_subsets"] = float(np.mean([v["gIoU"] for v in scored])) if scored else None
-  result["mean_over_subsets_cIoU"] = float(np.mean([v["cIoU"] for v in scored])) if scored else None
+                phrases=named[1], protocol=protocol_of(config), records=[s["record"] for s in scored])
+  subset_scores = [v for k, v in result["subsets"].items() if k != "no_target"]
+  result["mean_over_subsets"] = float(np.mean([v["gIoU"] for v in subset_scores])) if subset_scores else None
+  result["mean_over_subsets_cIoU"] = (float(np.mean([v["cIoU"] for v in subset_scores]))
+                                      if subset_scores else None)
   if with_baselines:
     result["baselines"] = {"all_empty": empty.summary()}
   return result
@@ -143,22 +212,24 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
 
 def evaluate_workdir(config, workdir: str, split: str = "test", *, with_baselines: bool = True,
                      random_init_baseline: bool = True) -> dict:
-  """Scores a training workdir or weights folder; writes <path>/eval/<split>.json."""
+  """Scores a training workdir or weights folder; process 0 writes <path>/eval/<split>.json. A run's best
+  checkpoint (train.best_metric) is the workdir <workdir>/best."""
   if config.eval.dtype:       # e.g. the authors' float32 eval of a bf16-trained model
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.dtype = config.eval.dtype
   tokenizer = load_tokenizer(config.data.tokenizer)
   setup = ModelSetup.create(config, vocab_size=len(tokenizer))
   params, step = restore_params(setup, workdir)
-  predict = predict_fn_of(setup, tokenizer)
+  predict = eval_fn_of(setup, tokenizer)   # one compile for the run's params and the random baseline
   result = evaluate(setup, params, tokenizer, split, with_baselines=with_baselines, predict=predict)
   result["step"] = None if step is None else int(step)
   if random_init_baseline:
     rand = evaluate(setup, setup.init_params(config.train.seed + 1000), tokenizer, split, predict=predict)
     result.setdefault("baselines", {})["random_init"] = rand["overall"]
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:   # every process holds the same result
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
+      json.dump(result, f, indent=2)
   return result
 
 
@@ -184,9 +255,21 @@ def format_table(result: dict) -> str:
   return "\n".join(rows)
 
 
+def maybe_initialize_distributed(config) -> None:
+  """jax.distributed.initialize from ``config.distributed`` (train and eval on a multi-host mesh)."""
+  d = config.distributed
+  # before anything touches the XLA backend (jax.devices() included); once per process
+  if d.enabled and not jax.distributed.is_initialized():
+    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                               num_processes=d.num_processes or None, process_id=d.process_id,
+                               local_device_ids=list(d.local_device_ids) or None)
+
+
 def cli_main(args) -> int:
   config = load_config(args.config, args.overrides)
+  maybe_initialize_distributed(config)
   result = evaluate_workdir(config, args.workdir, args.split)
-  print(format_table(result))
-  print(f"written: {os.path.join(args.workdir, 'eval', args.split + '.json')}")
+  if jax.process_index() == 0:
+    print(format_table(result))
+    print(f"written: {os.path.join(args.workdir, 'eval', args.split + '.json')}")
   return 0

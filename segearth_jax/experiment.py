@@ -22,6 +22,10 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
       eval_template="phi_chat_eval",
       strip_instruction=False,    # strip the instruction's surrounding whitespace first (the authors do)
       shuffle_seed=0,
+      # training mixture: ((builder, split, weight), ...), each built in data_dir, e.g.
+      # (("laserss", "train", 0.8), ("rrsisd", "train", 0.2)); () = name's train split alone. Eval reads
+      # name. The mix: data/pipeline.py (WeightedSelection)
+      mixture=(),
       workers=0,                  # grain worker processes (0 = in-process)
       skip_bad=False,
   ))
@@ -44,6 +48,11 @@ def base_config(model_size: str = "tiny") -> ml_collections.ConfigDict:
       # which parts train. Frozen parts get no optimizer state.
       trainable=("lora", "lm_head", "seg_projector", "pixel_decoder", "mask_decoder"),
       log_every=10, ckpt_every=500, keep_checkpoints=3,
+      # evaluation while training: every eval_every steps (0 = off) generate on the first eval_examples
+      # records (0 = all) of eval_split and log gIoU/cIoU (metrics.jsonl records with kind 'eval', TensorBoard
+      # '<split>/...'); the step with the highest best_metric (a dotted path into the eval result, e.g.
+      # 'overall.gIoU', 'subsets.single.cIoU', 'mean_over_subsets'; '' = none) is kept as the workdir W/best
+      eval_every=0, eval_examples=0, eval_split="val", best_metric="overall.gIoU",
       init_from="",               # a workdir/weights folder from `segearth convert from-hf`
       # per-part learning-rate multipliers, {part: x}: the innermost path component named wins, e.g.
       # dict(llm=0.2) with lr 1e-3 trains llm/... at 2e-4; parts not named use 1

@@ -4,6 +4,13 @@ The step takes (state, frozen, batch): ``state`` holds the trainable params, the
 step and the rng, and is donated; ``frozen`` (no grads, no optimizer state) is read only. Shardings
 come from the logical-axis rule table in sharding.py. The host never waits inside a step: the metrics of
 step t are fetched after step t+1 is dispatched.
+
+metrics.jsonl, one JSON object a line: ``kind`` 'train' (step, every loss term, grad_norm, lr, samples/s,
+tokens/s, mfu) per step, and with ``train.eval_every`` ``kind`` 'eval' (step, split, examples, overall and
+per-subset gIoU/cIoU/units, mean_over_subsets, no_target_accuracy, seconds) every eval_every steps.
+Evaluation while training runs the jitted generation of evaluate.py (built once: one compile for every
+evaluation) on the first train.eval_examples records of train.eval_split, on every process; the step with the
+highest train.best_metric is kept as the workdir W/best (checkpointing.BestCheckpointer).
 """
 from __future__ import annotations
 
@@ -21,12 +28,13 @@ import optax
 from tqdm import tqdm
 
 from segearth_jax import sharding as shd
-from segearth_jax.checkpointing import Checkpointer, abstract_like
+from segearth_jax.checkpointing import BestCheckpointer, Checkpointer, abstract_like
 from segearth_jax.config import load_config
-from segearth_jax.data.batch import device_part, global_batch
-from segearth_jax.data.pipeline import make_dataset
+from segearth_jax.data.batch import IGNORE, device_part, global_batch
+from segearth_jax.data.pipeline import make_dataset, mixture_counts
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
+from segearth_jax.evaluate import eval_fn_of, evaluate, maybe_initialize_distributed
 from segearth_jax.flops import peak_flops, train_flops_per_sample
 from segearth_jax.losses import segearth_loss, text_loss
 from segearth_jax.model_setup import ModelSetup, with_shardings
@@ -36,15 +44,9 @@ from segearth_jax.presets import image_tokens
 from segearth_jax.weights import restore_params, save_run_config
 
 OBJECTIVES = ("segearth", "text")   # the full loss of method.md §4 | next-token loss only
-
-
-def maybe_initialize_distributed(config) -> None:
-  d = config.distributed
-  # before anything touches the XLA backend (jax.devices() included); once per process
-  if d.enabled and not jax.distributed.is_initialized():
-    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                               num_processes=d.num_processes or None, process_id=d.process_id,
-                               local_device_ids=list(d.local_device_ids) or None)
+# what train.best_metric may name in the eval result (evaluate.evaluate); every one is higher-is-better
+BEST_METRIC_ROOTS = ("overall", "subsets", "mean_over_subsets", "mean_over_subsets_cIoU", "no_target_accuracy",
+                     "phrase_accuracy")
 
 
 @dataclasses.dataclass
@@ -106,22 +108,10 @@ class TrainSetup(ModelSetup):
   def train_step(self, state, frozen, batch):
     accum = int(self.config.train.grad_accum)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
     if accum == 1:
-      (loss, terms), grads = grad_fn(state["params"], frozen, batch, key)
+      (loss, terms), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], frozen, batch, key)
     else:
-      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-
-      def body(carry, xs):
-        mb, i = xs
-        (l, t), g = grad_fn(state["params"], frozen, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (l, t, g)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state["params"], frozen,
-                                                                         jax.tree.map(lambda x: x[0], micro), key)))
-      zeros = (zeros[0][0], zeros[0][1], zeros[1])
-      (loss, terms, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-      loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+      loss, terms, grads = self.accumulated_grads(state["params"], frozen, batch, key, accum)
     gnorm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
@@ -133,6 +123,34 @@ class TrainSetup(ModelSetup):
     metrics = dict(terms, loss=loss, grad_norm=gnorm, lr=self.schedule(state["step"]), finite=finite)
     return new_state, metrics
 
+  def accumulated_grads(self, params, frozen, batch, key, accum: int):
+    """The loss, terms and grads of ``batch`` from ``accum`` micro-batches in a scan. Each term is a mean
+    over its own units (answer tokens, masks, L_S rows: term_counts), so micro-batch i's term is weighted by
+    its share of the batch's units, not by 1/accum: the sum is the full batch's term whatever the
+    micro-batches hold. The random draws (dropout, mask-loss points) are per micro-batch."""
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+    counts = term_counts(micro, self.config)
+    shares = {t: c / jnp.maximum(c.sum(), 1.0) for t, c in counts.items()}
+
+    def weighted(p, mb, k, share):
+      _, terms = self.loss_fn(p, frozen, mb, k)
+      terms = {t: v * share[t] if t in share else v for t, v in terms.items()}
+      terms["total"] = combine_terms(terms, self.config)
+      return terms["total"], terms
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+
+    def body(carry, xs):
+      mb, i, share = xs
+      (l, t), g = grad_fn(params, mb, jax.random.fold_in(key, i), share)
+      return jax.tree.map(jnp.add, carry, (l, t, g)), None
+
+    first = jax.tree.map(lambda x: x[0], (micro, shares))
+    shapes = jax.eval_shape(lambda: grad_fn(params, first[0], key, first[1]))
+    zeros = jax.tree.map(jnp.zeros_like, (shapes[0][0], shapes[0][1], shapes[1]))
+    (loss, terms, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum), shares))
+    return loss, terms, grads
+
   def batch_shardings(self, batch: dict):
     return {k: self.batch_sharding(np.ndim(v)) for k, v in batch.items()}
 
@@ -141,6 +159,33 @@ class TrainSetup(ModelSetup):
     return jax.jit(self.train_step,
                    in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings(batch_example)),
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+
+def term_counts(micro: dict, config) -> dict:
+  """``micro``: a batch reshaped to [accum, B / accum, ...] -> {loss term: [accum] the number of units each
+  micro-batch's mean is over}: answer tokens (losses.text_loss), real masks (mask_losses.mask_loss), L_S rows
+  (attention_supervision.ls_loss: real [SEG] rows whose grid has a foreground cell, or every real one)."""
+  per_micro = lambda x: x.astype(jnp.float32).reshape(x.shape[0], -1).sum(-1)
+  counts = dict(text=per_micro(micro["labels"][..., 1:] != IGNORE))
+  if config.train.objective == "text":
+    return counts
+  real = micro["seg_valid"].astype(bool)
+  counts.update(bce=per_micro(real), dice=per_micro(real))
+  if config.loss.lambda_s:
+    fg = (micro["mask_grid"] > 0.5).reshape(real.shape + (-1,)).any(-1)
+    counts["ls"] = per_micro(real & fg if config.loss.ls_divisor == "kept" else real)
+  return counts
+
+
+def combine_terms(terms: dict, config) -> jax.Array:
+  """The objective from its terms, as losses.segearth_loss weights them (text only for objective 'text')."""
+  w = config.loss
+  if config.train.objective == "text":
+    return terms["text"]
+  total = w.text_weight * terms["text"] + w.bce_weight * terms["bce"] + w.dice_weight * terms["dice"]
+  if "ls" in terms:
+    total = total + w.lambda_s * terms["ls"]
+  return total
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -195,6 +240,8 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
     writer.add_text("train/mfu_basis", throughput.peak_basis, start)
   total_steps = int(config.train.steps)
   end = min(total_steps, max_steps) if max_steps else total_steps
+  evaluator = (Evaluator(config, setup, tokenizer, workdir, log_path, writer, ckpt)
+               if int(config.train.eval_every) > 0 else None)
   stop = _StopFlag()
   step_fn = None
   pending = None  # (step, metrics, ids, t_dispatch)
@@ -223,6 +270,12 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
         ckpt.save(step + 1, state, data_iter, force=True)
       if stop.requested:
         break
+      if evaluator is not None and (step + 1) % evaluator.every == 0:
+        if pending is not None:   # the step's train record goes first
+          _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
+          pending = None
+        evaluator(step + 1, state, frozen)
+        t_last = time.time()      # the next step's samples/s leaves the evaluation out
     if pending is not None:
       _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
     bar.close()
@@ -230,11 +283,69 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
     ckpt.wait()
     stop.restore()
   ckpt.close()
+  if evaluator is not None:
+    evaluator.close()
   if writer is not None:
     writer.close()
   if is_main:
     plot_losses(log_path, os.path.join(workdir, "loss.png"))
   return dict(steps=int(jax.device_get(state["step"])), history=history, stopped=stop.requested)
+
+
+class Evaluator:
+  """train.eval_every: scores the first train.eval_examples records of train.eval_split with the current
+  params, logs them (metrics.jsonl kind 'eval', TensorBoard '<split>/...') and keeps the best step."""
+
+  def __init__(self, config, setup, tokenizer, workdir, log_path, writer, ckpt: Checkpointer):
+    t = config.train
+    self.setup, self.tokenizer, self.log_path, self.writer = setup, tokenizer, log_path, writer
+    self.every, self.split = int(t.eval_every), str(t.eval_split)
+    self.examples = int(t.eval_examples) or None
+    self.predict = eval_fn_of(setup, tokenizer)   # one jitted fn: compiled once, reused every evaluation
+    self.best = None
+    if t.best_metric:
+      if t.best_metric.split(".")[0] not in BEST_METRIC_ROOTS:   # at start, not at the first evaluation
+        raise UserError(f"train.best_metric {t.best_metric!r} must start with one of {BEST_METRIC_ROOTS}")
+      self.best = BestCheckpointer(workdir, t.best_metric)
+      if jax.process_index() == 0:   # W/best is a workdir: eval, predict and export load it as one
+        save_run_config(config, self.best.dir)
+        link = os.path.join(self.best.dir, "frozen")
+        if ckpt.has_frozen() and not os.path.lexists(link):
+          os.symlink(os.path.relpath(ckpt.frozen_dir, self.best.dir), link)
+
+  def __call__(self, step: int, state, frozen) -> dict:
+    t0 = time.time()
+    result = evaluate(self.setup, merge_params(state["params"], frozen), self.tokenizer, self.split,
+                      max_examples=self.examples, predict=self.predict)
+    record = dict(kind="eval", step=step, split=self.split, examples=len(result["records"]),
+                  overall=result["overall"], subsets=result["subsets"],
+                  mean_over_subsets=result["mean_over_subsets"],
+                  no_target_accuracy=result["no_target_accuracy"], seconds=round(time.time() - t0, 3))
+    if jax.process_index() == 0:
+      _log_line(self.log_path, record)
+      if self.writer is not None:
+        for name, s in [("", result["overall"])] + [(f"{k}/", v) for k, v in result["subsets"].items()]:
+          for metric in ("gIoU", "cIoU"):
+            self.writer.add_scalar(f"{self.split}/{name}{metric}", s[metric], step)
+        self.writer.flush()
+    if self.best is not None:
+      self.best.save(step, state["params"], metric_value(result, self.best.metric))
+    return record
+
+  def close(self):
+    if self.best is not None:
+      self.best.close()
+
+
+def metric_value(result: dict, path: str) -> float:
+  """``result`` at a dotted path ('overall.gIoU', 'subsets.single.cIoU', 'mean_over_subsets')."""
+  value = result
+  for key in path.split("."):
+    if not isinstance(value, dict) or key not in value:
+      raise UserError(f"train.best_metric {path!r}: the eval result has no {key!r} "
+                      f"(it has {sorted(value) if isinstance(value, dict) else value!r})")
+    value = value[key]
+  return float("nan") if value is None else float(value)
 
 
 class Throughput:
@@ -272,15 +383,19 @@ def _finish(pending, throughput, config, log_path, writer, history, bar, t_last)
                          "The last good checkpoint is kept.")
   dt = max(time.time() - t_last, 1e-9)
   m.update(throughput.metrics(batch, dt))
-  record = dict(step=step, **m)
+  record = dict(kind="train", step=step, **m)
   if throughput.peak_basis:
     record["mfu_basis"] = throughput.peak_basis
+  if config.data.mixture:   # rows per source so far: a function of the position, the same on every process
+    record["examples"] = mixture_counts(config, step * int(config.train.batch_size))
   history.append(record)
   if jax.process_index() == 0:
     _log_line(log_path, record)
     if writer is not None and (step % config.train.log_every == 0 or step == 1):
       for k, v in m.items():
         writer.add_scalar(f"train/{k}", v, step)
+      for name, n in record.get("examples", {}).items():
+        writer.add_scalar(f"data/examples/{name}", n, step)
     bar.update(1)
     bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
 
@@ -328,7 +443,8 @@ def plot_losses(log_path: str, out_png: str) -> None:
   with open(log_path) as f:
     for line in f:
       r = json.loads(line)
-      rows[r["step"]] = r
+      if r.get("kind", "train") == "train":
+        rows[r["step"]] = r
   steps = sorted(rows)
   keys = [k for k in ("loss", "text", "bce", "dice", "ls") if k in rows[steps[0]]]
   fig, ax = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))

@@ -285,7 +285,7 @@ def test_eval_with_the_authors_protocol_records_it(toy_dataset, reference_run, t
   data = [f"--config.data.data_dir={toy_dataset['data_dir']}", f"--config.data.tokenizer={toy_dataset['tokenizer']}",
           *TINY_OVERRIDES[:7], "--config.data.text_buckets=(640,)", "--config.data.max_len=640",
           "--config.infer.max_new_tokens=12", "--config.train.batch_size=8"]
-  for variant in ("toy",):
+  for variant in ("toy", "toy,teacher_forced"):
     r = subprocess.run([sys.executable, "-m", "segearth_jax", "eval", "--config",
                         os.path.join(REPO, "experiments", f"authors_eval.py:{variant}"), "--workdir", wd,
                         "--split", "test", *data], env=_env(1), capture_output=True, text=True, timeout=900)
@@ -298,4 +298,8 @@ def test_eval_with_the_authors_protocol_records_it(toy_dataset, reference_run, t
     if variant == "toy":
       assert p["teacher_forced"] is False
       assert p["decoding"]["temperature"] == 0.2 and p["decoding"]["top_k"] == 50 and p["decoding"]["max_seg"] == 0
+    else:   # the reference answer's [SEG]s, up to the model's cap, each give a mask
+      assert p["teacher_forced"] is True and p["decoding"] is None
+      assert all(x["n_pred"] == min(x["n_gt"], 2) for x in result["records"])
+      assert sum(x["n_pred"] for x in result["records"]) > 0
     assert result["overall"]["units"] == sum(x["n_gt"] for x in result["records"]) > 0

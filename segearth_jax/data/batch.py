@@ -6,7 +6,8 @@ Batch (B = per-process batch = train.batch_size / process_count; static shapes):
   mask_grid f32[B,K,G,G]  letterbox i32[B,4] (orig_h, orig_w, resized_h, resized_w)  sample_valid bool[B]
   example_id str[B] (host); eval adds prompt_len i32[B], answer str[B], subsets str[B] ('|'-joined),
   targets str[B] (JSON list of COCO RLE masks of every target at the image's own size, past the [SEG]
-  cap too).
+  cap too); train with data.mixture adds source str[B] ('builder/split' of each row; a string, so it
+  stays on the host like HOST_ONLY's fields).
 S = model.vision.image_size, G = presets.image_grid(model) (G*G image tokens), M = model.swin.image_size,
 K = model.max_seg; L is the smallest of data.text_buckets that fits the batch's longest row. labels hold
 IGNORE where no token is predicted (prompt, image tokens, padding).

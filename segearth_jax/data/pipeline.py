@@ -1,13 +1,24 @@
-"""The grain input pipeline: tfds.data_source -> shuffle -> per-process shard -> preprocess -> batch.
+"""The grain input pipeline: tfds.data_source -> shuffle -> (mix) -> per-process shard -> preprocess -> batch.
 
   make_dataset(config, split, *, tokenizer, train, process_index=None, process_count=None, seed=None)
       -> grain IterDataset of per-process numpy batches (the contract: data/batch.py); `it = iter(ds)`,
-      `it.get_state()` / `it.set_state(s)` resume exactly.
+      `it.get_state()` / `it.set_state(s)` resume exactly. Train with data.mixture reads the mixture's
+      splits (`split` is then not used).
+  mixture_sources(config) -> [(builder, split, weight)] (data.mixture checked, weights summing to 1; [] = none)
+  mixture_counts(config, examples, seed=None) -> {"builder/split": rows of it among the global stream's first
+      `examples` rows}: exact and the same on every process (the mix is a function of the position)
+  WeightedSelection(quotas, seed)  the mix itself (a grain DatasetSelectionMap)
   bench_cli(args) -> `segearth bench data --config CFG --batches N` (one JSON line).
 
 Train: the epoch is shuffled with the seed (a new order each epoch), repeated forever, and process p takes
 rows p*B .. p*B+B-1 of every global batch of n_proc*B rows (see _GlobalBatchShard); batches drop nothing
-because the stream is infinite. Eval: no shuffle, one pass; every process yields the same number of batches
+because the stream is infinite. With data.mixture, each source is shuffled and repeated so (its own seed,
+drawn from the shuffle seed and its position in the list), and the global stream interleaves them: every
+block of MIX_BLOCK consecutive rows holds round(weight x MIX_BLOCK) rows of each source (largest remainder),
+in an order drawn from (seed, block). The mix, the shard and the iterator state (one position) are all
+functions of the position, so resuming is exact and a 2-host run reads what a 1-host run reads; train
+batches then carry `source` str[B] ('builder/split' of each row, host only).
+Eval: no shuffle, one pass over data.name's split; every process yields the same number of batches
 (ceil(n / n_proc) rounded up to B), the rows past the end are padding with sample_valid False (bad records
 with data.skip_bad become padding too).
 """
@@ -17,10 +28,12 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import grain
 import jax
+import numpy as np
 from absl import flags
 
 from segearth_jax.config import load_config
@@ -88,6 +101,120 @@ class _GlobalBatchShard(grain.MapDataset):
     return f"GlobalBatchShard(process={self._i}/{self._n}, per_process={self._b})"
 
 
+MIX_BLOCK = 1000   # the mixture's weights are realised to 1/MIX_BLOCK of the stream, exactly per block
+
+
+def mixture_sources(config) -> list[tuple[str, str, float]]:
+  """data.mixture as [(builder, split, weight)], weights normalised to sum 1; [] when there is none."""
+  entries = [tuple(e) for e in config.data.mixture]
+  out = []
+  for e in entries:
+    if len(e) != 3 or not all(isinstance(x, str) for x in e[:2]) or isinstance(e[2], bool) \
+        or not isinstance(e[2], (int, float)) or not math.isfinite(e[2]) or e[2] <= 0:
+      raise UserError(f"data.mixture entry {e!r}: expected (builder, split, weight > 0), e.g. "
+                      f"('laserss', 'train', 0.8)")
+    out.append((e[0], e[1], float(e[2])))
+  names = [f"{b}/{s}" for b, s, _ in out]
+  if len(set(names)) != len(names):
+    raise UserError(f"data.mixture names a source twice: {names}")
+  total = sum(w for _, _, w in out)
+  out = [(b, s, w / total) for b, s, w in out]
+  small = [n for n, q in zip(names, mix_quotas([w for _, _, w in out])) if q == 0]
+  if small:
+    raise UserError(f"data.mixture: {small} get no row in {MIX_BLOCK} (weights are realised to "
+                    f"1/{MIX_BLOCK}); drop them or raise their weight")
+  return out
+
+
+def mix_quotas(weights, block: int = MIX_BLOCK) -> tuple[int, ...]:
+  """Rows per block of each source: floor(w x block), the rest to the largest remainders (ties: first)."""
+  exact = [w * block for w in weights]
+  q = [int(math.floor(x)) for x in exact]
+  order = sorted(range(len(q)), key=lambda i: (-(exact[i] - q[i]), i))
+  for i in order[:block - sum(q)]:
+    q[i] += 1
+  return tuple(q)
+
+
+@functools.lru_cache(maxsize=16)
+def _mix_block(quotas: tuple[int, ...], seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+  """(source of each row of the block, its rank among the block's rows of that source)."""
+  src = np.repeat(np.arange(len(quotas), dtype=np.int32), quotas)
+  np.random.default_rng([seed, 0, block]).shuffle(src)
+  rank = np.empty_like(src)
+  for s, q in enumerate(quotas):
+    rank[src == s] = np.arange(q, dtype=np.int32)
+  return src, rank
+
+
+class WeightedSelection(grain.transforms.DatasetSelectionMap):
+  """Mixed-stream position k -> (source s, row of s's own stream); stateless (grain needs that): block
+  b = k // N holds quotas[s] rows of each source in a seeded order, so s's rows before block b number
+  b x quotas[s]."""
+
+  def __init__(self, quotas: tuple[int, ...], seed: int):
+    self.quotas, self.seed, self.block = tuple(int(q) for q in quotas), int(seed), int(sum(quotas))
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, k):
+    b, j = divmod(int(k), self.block)
+    src, rank = _mix_block(self.quotas, self.seed, b)
+    s = int(src[j])
+    return s, b * self.quotas[s] + int(rank[j])
+
+  def counts(self, n: int) -> list[int]:
+    """Rows of each source among positions 0 .. n-1."""
+    b, j = divmod(int(n), self.block)
+    src, _ = _mix_block(self.quotas, self.seed, b)
+    part = np.bincount(src[:j], minlength=len(self.quotas))
+    return [b * q + int(c) for q, c in zip(self.quotas, part)]
+
+
+def _mix_seed(seed: int, k: int) -> int:
+  """Source k's shuffle seed: distinct per source, a function of the shuffle seed."""
+  return int(np.random.SeedSequence([seed, 1, k]).generate_state(1)[0])
+
+
+def mixture_counts(config, examples: int, seed=None) -> dict[str, int]:
+  """{"builder/split": rows} among the first `examples` rows of the global train stream (all processes);
+  at step t that is t x train.batch_size (bad records skipped with data.skip_bad still count)."""
+  sources = mixture_sources(config)
+  seed = int(config.data.shuffle_seed if seed is None else seed)
+  sel = WeightedSelection(mix_quotas([w for _, _, w in sources]), seed)
+  return {f"{b}/{s}": c for (b, s, _), c in zip(sources, sel.counts(examples))}
+
+
+class _Tagged:
+  """A preprocessor whose examples also name their source (a bad record skipped stays None)."""
+
+  def __init__(self, pre, name):
+    self.pre, self.name = pre, name
+
+  def __call__(self, ex):
+    out = self.pre(ex)
+    if out is not None:
+      out["source"] = np.str_(self.name)
+    return out
+
+
+def _mixed_train_rows(config, tokenizer, seed: int) -> grain.MapDataset:
+  """The global train stream of data.mixture: each source shuffled, repeated, preprocessed, then mixed."""
+  d = config.data
+  sources = mixture_sources(config)
+  parents = []
+  for k, (name, split, _) in enumerate(sources):
+    source = open_source(name, split, d.data_dir)
+    if len(source) == 0:
+      raise UserError(f"data.mixture: dataset {name!r} split {split!r} in {d.data_dir} is empty")
+    pre = preprocess.Preprocessor(config, tokenizer, train=True, source_name=f"{d.data_dir}/{name}/{split}")
+    parents.append(grain.MapDataset.source(source).shuffle(seed=_mix_seed(seed, k)).repeat()
+                   .map(_Tagged(pre, f"{name}/{split}")))
+  quotas = mix_quotas([w for _, _, w in sources])
+  return grain.MapDataset.select_from_datasets(parents, WeightedSelection(quotas, seed))
+
+
 def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, process_count=None,
                  seed=None):
   d = config.data
@@ -97,6 +224,11 @@ def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, p
     raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by {pc} processes")
   B = config.train.batch_size // pc
   seed = int(d.shuffle_seed if seed is None else seed)
+  if train and d.mixture:   # preprocessed per source before mixing; the shard takes rows of the mix
+    ds = _mixed_train_rows(config, tokenizer, seed)
+    if pc > 1:
+      ds = _GlobalBatchShard(ds, pi, pc, B)
+    return _batched(ds, config, B, train)
   source = open_source(d.name, split, d.data_dir)
   n = len(source)
   if n == 0:
@@ -110,6 +242,12 @@ def make_dataset(config, split, *, tokenizer, train: bool, process_index=None, p
   else:
     per_process = math.ceil(math.ceil(n / pc) / B) * B
     ds = grain.MapDataset.range(per_process).map(_EvalRow(source, pre, pi, pc, n))
+  return _batched(ds, config, B, train)
+
+
+def _batched(ds: grain.MapDataset, config, B: int, train: bool):
+  """Per-process rows -> batches of B trimmed to a bucket (threads, optional worker processes)."""
+  d = config.data
   # Threads overlap PIL/numpy work (both release the GIL); a small buffer bounds memory at 1024 canvases.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(2, min(8, B)), prefetch_buffer_size=2 * B))
   it = it.batch(B, drop_remainder=train)
