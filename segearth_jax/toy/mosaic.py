@@ -30,11 +30,12 @@ import numpy as np
 from PIL import Image
 
 from segearth_jax import geo
+from segearth_jax.config import read_json
 from segearth_jax.data import rle
 from segearth_jax.data.answer import target_text
 from segearth_jax.errors import UserError
 from segearth_jax.toy import instructions as ins
-from segearth_jax.toy.release import MARKER, SPLITS
+from segearth_jax.toy.release import MARKER, SPLITS, prepare_output
 from segearth_jax.toy.scenes import SCENE_TYPES, Obj, Scene, draw_scene
 
 CRS = "EPSG:32633"
@@ -44,20 +45,12 @@ SPACING_M = 1000.0          # mosaics side by side along the easting
 SUMMARY = "mosaics.json"
 
 
-def _load_json(path):
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: cannot read JSON ({e})") from e
-
-
 def _test_scenes(release_dir):
   """The release's test scenes with their objects, redrawn from its seed: [(image name, Scene)]."""
   marker = os.path.join(release_dir, MARKER)
   if not os.path.isfile(marker):
     raise UserError(f"--release {release_dir!r} holds no toy dataset ({MARKER}); make one with segearth data toy")
-  summary = _load_json(marker)
+  summary = read_json(marker)
   seed, size, count = int(summary["seed"]), int(summary["size"]), int(summary["images"]["test"])
   split_index = SPLITS.index("test")
   out = []
@@ -107,25 +100,6 @@ def _record(rec_id, image_name, mosaic_name, description, answer, reasoning, cls
           "reasoning": reasoning, "length": "short", "class": cls}
 
 
-def _prepare(out_dir):
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f"--out {out_dir!r} exists and is not a folder")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not os.path.exists(os.path.join(out_dir, SUMMARY)):
-      raise UserError(f"--out {out_dir!r} is not empty and holds no toy mosaics ({SUMMARY}); pick a new folder")
-    for name in ("images", "annotations", SUMMARY):     # previous mosaics: replace them whole
-      p = os.path.join(out_dir, name)
-      if os.path.isdir(p):
-        shutil.rmtree(p)
-      elif os.path.exists(p):
-        os.remove(p)
-  try:
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create --out {out_dir!r}: {e.strerror}") from e
-
-
 def _write_json(path, obj):
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -141,7 +115,7 @@ def write_toy_mosaics(release_dir, out_dir, n: int = 8, seed: int = 0) -> dict:
   scenes, release_seed, size = _test_scenes(release_dir)
   if len(scenes) < 4:
     raise UserError(f"--release {release_dir!r} has {len(scenes)} test scenes; a mosaic needs 4")
-  _prepare(out_dir)
+  out_dir = prepare_output(out_dir, SUMMARY, ("images", "annotations", SUMMARY), ("images", "annotations"), "toy mosaics")
   rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x6D6F73])
   mosaic_records, single_records, mosaics, used = [], [], [], set()
   for k in range(int(n)):

@@ -81,14 +81,16 @@ def _write_json(path, obj):
     f.write("\n")
 
 
-def _prepare(out_dir):
+def prepare_output(out_dir, marker: str, owned: tuple, subdirs: tuple, what: str) -> str:
+  """An output folder for a generator: created, or emptied of a previous run's own entries (``owned``; the
+  run is recognised by its ``marker`` file). A non-empty folder of anything else is refused, untouched."""
   out_dir = os.fspath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"--out {out_dir!r} exists and is not a folder")
   if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not os.path.exists(os.path.join(out_dir, MARKER)):
-      raise UserError(f"--out {out_dir!r} is not empty and holds no toy dataset ({MARKER}); pick a new folder")
-    for name in SPLITS + ("tokenizer", MARKER):     # a previous toy dataset: replace it whole
+    if not os.path.exists(os.path.join(out_dir, marker)):
+      raise UserError(f"--out {out_dir!r} is not empty and holds no {what} ({marker}); pick a new folder")
+    for name in owned:     # a previous run's output: replace it whole
       p = os.path.join(out_dir, name)
       if os.path.isdir(p):
         shutil.rmtree(p)
@@ -96,9 +98,8 @@ def _prepare(out_dir):
         os.remove(p)
   try:
     os.makedirs(out_dir, exist_ok=True)
-    for split in SPLITS:
-      os.makedirs(os.path.join(out_dir, split, "annotations"), exist_ok=True)
-      os.makedirs(os.path.join(out_dir, split, "images"), exist_ok=True)
+    for sub in subdirs:
+      os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create --out {out_dir!r}: {e.strerror}") from e
   if not os.access(out_dir, os.W_OK):
@@ -114,7 +115,9 @@ def write_toy_laserss(out_dir, images: int = 200, seed: int = 0, size: int = 256
   if images is None or int(images) <= 0:
     raise UserError(f"--images must be a positive integer, got {images}")
   sizes = split_sizes(int(images), test_images, val_images)
-  out_dir = _prepare(out_dir)
+  out_dir = prepare_output(out_dir, MARKER, SPLITS + ("tokenizer", MARKER),
+                           tuple(os.path.join(sp, d) for sp in SPLITS for d in ("annotations", "images")),
+                           "toy dataset")
   texts, summary = [], {"images": dict(sizes), "records": {}, "seed": int(seed), "size": int(size)}
   for s_idx, split in enumerate(SPLITS):
     records, covered = [], set()
