@@ -255,19 +255,9 @@ def format_table(result: dict) -> str:
   return "\n".join(rows)
 
 
-def maybe_initialize_distributed(config) -> None:
-  """jax.distributed.initialize from ``config.distributed`` (train and eval on a multi-host mesh)."""
-  d = config.distributed
-  # before anything touches the XLA backend (jax.devices() included); once per process
-  if d.enabled and not jax.distributed.is_initialized():
-    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                               num_processes=d.num_processes or None, process_id=d.process_id,
-                               local_device_ids=list(d.local_device_ids) or None)
-
-
 def cli_main(args) -> int:
   config = load_config(args.config, args.overrides)
-  maybe_initialize_distributed(config)
+  shd.maybe_initialize_distributed(config)
   result = evaluate_workdir(config, args.workdir, args.split)
   if jax.process_index() == 0:
     print(format_table(result))

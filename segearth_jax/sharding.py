@@ -99,3 +99,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def axis_rules():
   """Context manager under which ``nn.with_logical_constraint`` resolves against the table."""
   return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+
+
+def maybe_initialize_distributed(config) -> None:
+  """jax.distributed.initialize from ``config.distributed`` (train and eval on a multi-host mesh)."""
+  d = config.distributed
+  # before anything touches the XLA backend (jax.devices() included); once per process
+  if d.enabled and not jax.distributed.is_initialized():
+    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                               num_processes=d.num_processes or None, process_id=d.process_id,
+                               local_device_ids=list(d.local_device_ids) or None)

@@ -34,7 +34,7 @@ from segearth_jax.data.batch import IGNORE, device_part, global_batch
 from segearth_jax.data.pipeline import make_dataset, mixture_counts
 from segearth_jax.data.tokenizer import load_tokenizer
 from segearth_jax.errors import UserError
-from segearth_jax.evaluate import eval_fn_of, evaluate, maybe_initialize_distributed
+from segearth_jax.evaluate import eval_fn_of, evaluate
 from segearth_jax.flops import peak_flops, train_flops_per_sample
 from segearth_jax.losses import segearth_loss, text_loss
 from segearth_jax.model_setup import ModelSetup, with_shardings
@@ -213,7 +213,7 @@ def _log_line(path: str, record: dict) -> None:
 
 def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = None) -> dict:
   """Runs training in ``workdir``; returns a summary. ``max_steps`` stops early (tests)."""
-  maybe_initialize_distributed(config)
+  shd.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:  # eval/predict/export read the run's config from here
