@@ -74,7 +74,7 @@ def compile_train_step(config, topology: str) -> dict:
             for k, v in batch.items()}
   step = setup.jit_train_step(batch)
   t0 = time.perf_counter()
-  with mesh, shd.axis_rules():
+  with shd.in_mesh(mesh):
     lowered = step.lower(state, frozen, abatch)
   try:
     compiled = lowered.compile()

@@ -114,7 +114,7 @@ def evaluate(setup, params, tokenizer, split: str = "test", *, with_baselines: b
     if n_batches is not None and i >= n_batches:
       break
     batch = global_batch(device_part(host), setup.batch_sharding)
-    with setup.mesh, shd.axis_rules():
+    with shd.in_mesh(setup.mesh):
       out = jax.tree.map(local_rows, predict(params, batch, jax.random.fold_in(rng, i)))
     for b in range(len(host["sample_valid"])):
       index = pi + (i * B + b) * pc

@@ -60,7 +60,7 @@ class ModelSetup:
     def init(key):
       return nn.unbox(self.model.init(key, batch, train=False))["params"]
 
-    with self.mesh, shd.axis_rules():
+    with shd.in_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
 
 

@@ -85,7 +85,7 @@ class TrainSetup(ModelSetup):
     return self.state_from_params(train, seed), frozen
 
   def state_from_params(self, train_params, seed: int):
-    with self.mesh:
+    with shd.in_mesh(self.mesh):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(train_params)
     rep = shd.replicated(self.mesh)
     return dict(params=train_params, opt_state=opt_state,
@@ -256,7 +256,7 @@ def train(config, workdir: str, *, resume: bool = True, max_steps: int | None = 
       if step_fn is None:
         step_fn = setup.jit_train_step(batch)
       gbatch = global_batch(batch, setup.batch_sharding)
-      with setup.mesh, shd.axis_rules():
+      with shd.in_mesh(setup.mesh):
         state, metrics = step_fn(state, frozen, gbatch)
       if pending is not None:
         _finish(pending, throughput, config, log_path, writer, history, bar, t_last)

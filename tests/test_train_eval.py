@@ -216,7 +216,7 @@ def test_grad_accum_2_is_the_batch_of_8(toy_dataset):
     setup = train_lib.TrainSetup.create(config, mesh=shd.single_device_mesh())   # one device: a quick compile
     state, frozen = setup.init_state(0)
     step = setup.jit_train_step(batch)
-    with setup.mesh:
+    with shd.in_mesh(setup.mesh):
       new, metrics = step(state, frozen, train_lib.global_batch(batch, setup.batch_sharding))
     out.append((jax.device_get(metrics), first_moments(jax.device_get(new["opt_state"]))))
   (m1, mu1), (m2, mu2) = out

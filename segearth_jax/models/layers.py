@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segearth_jax import sharding as shd
 from segearth_jax.errors import UserError
 
 DType = Any
@@ -82,12 +84,18 @@ def dense(features: int, axes: Sequence[str | None], *, use_bias: bool = True, d
   """nn.Dense whose kernel carries ``axes`` (in, out) and whose bias carries ``(axes[-1],)``.
 
   Kernel layout is (in, out): the transpose of torch.nn.Linear.weight; the converters' name maps
-  apply that transpose.
+  apply that transpose. The kernel is gathered over fsdp at its use (sharding.gather_at_use).
   """
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      dot_general=functools.partial(_dot_gathered, axes=tuple(axes)),
       kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
       bias_init=nn.with_logical_partitioning(bias_init, (axes[-1],)))
+
+
+def _dot_gathered(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, axes):
+  return jax.lax.dot_general(lhs, shd.gather_at_use(rhs, axes), dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 def layer_norm(eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None,

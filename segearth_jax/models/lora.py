@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segearth_jax import sharding as shd
 from segearth_jax.errors import UserError
 from segearth_jax.models.layers import config_from_dict
 
@@ -62,6 +63,8 @@ class LoraUpdate(nn.Module):
                    (self.cfg.rank, self.features), self.param_dtype)
     x = nn.Dropout(self.cfg.dropout)(x, deterministic=self.deterministic)
     x = x.astype(self.dtype)
+    a = shd.gather_at_use(a, (self.axes[0], "lora_rank"))
+    b = shd.gather_at_use(b, ("lora_rank", self.axes[-1]))
     return (x @ a.astype(self.dtype)) @ b.astype(self.dtype) * jnp.asarray(self.cfg.scale, self.dtype)
 
 
@@ -79,7 +82,7 @@ class LoraDense(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(self.axes)),
                         (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), shd.gather_at_use(kernel, self.axes).astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[-1],)),
                         (self.features,), self.param_dtype)
