@@ -49,32 +49,50 @@ def _core_xla(value, spatial_shapes, sampling_locations, attention_weights):
     raise ValueError(f"value has {s} tokens but spatial_shapes {spatial_shapes} sum to a different count")
   if n_levels != len(spatial_shapes):
     raise ValueError(f"sampling_locations has {n_levels} levels but spatial_shapes has {len(spatial_shapes)}")
-  # One flat [B*H*S, Dh] table: every sample is a plain 1-D gather (its gradient a plain scatter-add).
-  # Levels and the 4 bilinear corners are vectorised (per-level sizes as constants): one gather, one
-  # weighted sum, few ops to compile.
-  table = value.transpose(0, 2, 1, 3).reshape(b * h * s, dh)
-  sizes = np.array([[ww, hh] for hh, ww in spatial_shapes], np.float32)         # [L, 2] as (w, h)
-  starts = np.cumsum([0] + [hh * ww for hh, ww in spatial_shapes[:-1]]).astype(np.int32)
-  loc = sampling_locations.astype(jnp.float32).transpose(0, 2, 1, 3, 4, 5)       # [B,H,Q,L,P,2]
+  # One [B, H, S, Dh] table gathered along S with B and H as batch dims of the gather (its gradient a
+  # batched scatter-add), so the SPMD partitioner keeps the batch sharded: a table flattened over B*H*S
+  # couples the rows of every sample and is replicated over the global batch (2.6 GiB per v5e chip).
+  # Indices and weights are laid out [L*4, B, H, Q*P] (chunk = level x bilinear corner, Q*P minor: TPU
+  # tiles pad small minor dims such as P or the corner axis up to 128), and the samples are gathered and
+  # summed one chunk at a time under jax.checkpoint, so neither pass holds all L*P*4 samples of every
+  # query (two 3.9 GiB f32 buffers per v5e chip at the paper's 1024 canvas).
+  table = value.transpose(0, 2, 1, 3)
+  n = q * n_points
+
+  def per_level(x):   # [B,Q,H,L,P] -> [L,B,H,Q*P]
+    return x.transpose(3, 0, 2, 1, 4).reshape(n_levels, b, h, n)
+
+  def level_const(values, dtype):   # per-level sizes as constants, broadcast over [L,B,H,Q*P]
+    return np.asarray(values, dtype).reshape(n_levels, 1, 1, 1)
+
+  width = level_const([ww for _, ww in spatial_shapes], np.int32)
+  height = level_const([hh for hh, _ in spatial_shapes], np.int32)
+  starts = level_const(np.cumsum([0] + [hh * ww for hh, ww in spatial_shapes[:-1]]), np.int32)
+  loc = sampling_locations.astype(jnp.float32)
   # align_corners=False: pixel centres sit at (i + 0.5) / size.
-  pix = loc * sizes[:, None, :] - 0.5
-  lo = jnp.floor(pix)
-  frac = pix - lo
-  corner = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)                # (dx, dy) per corner
-  xy = lo[..., None, :] + corner                                                  # [B,H,Q,L,P,4,2]
-  wxy = jnp.where(corner > 0, frac[..., None, :], 1.0 - frac[..., None, :])
-  limit = (sizes - 1)[:, None, None, :]                                          # [L,1,1,2]
-  inside = jnp.all((xy >= 0) & (xy <= limit), axis=-1)
-  xy = jnp.clip(xy, 0, limit).astype(jnp.int32)
-  width = sizes[:, 0].astype(np.int32)[:, None, None]
-  flat = starts[:, None, None] + xy[..., 1] * width + xy[..., 0]                 # [B,H,Q,L,P,4]
-  flat = flat + (jnp.arange(b * h, dtype=jnp.int32) * s).reshape(b, h, 1, 1, 1, 1)
-  attn = attention_weights.astype(jnp.float32).transpose(0, 2, 1, 3, 4)          # [B,H,Q,L,P]
-  wts = jnp.where(inside, wxy[..., 0] * wxy[..., 1], 0.0) * attn[..., None]
-  k = n_levels * n_points * 4
-  picked = jnp.take(table, flat.reshape(-1), axis=0, mode="clip").reshape(b, h, q, k, dh)
-  out = jnp.einsum("bhqk,bhqkd->bhqd", wts.reshape(b, h, q, k).astype(value.dtype), picked,
-                   preferred_element_type=jnp.float32)
+  px = per_level(loc[..., 0]) * width.astype(np.float32) - 0.5
+  py = per_level(loc[..., 1]) * height.astype(np.float32) - 0.5
+  x0, y0 = jnp.floor(px), jnp.floor(py)
+  fx, fy = px - x0, py - y0
+  attn = per_level(attention_weights.astype(jnp.float32))
+  index, weight = [], []
+  for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):   # the bilinear corners
+    x, y = (x0 + dx).astype(jnp.int32), (y0 + dy).astype(jnp.int32)
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    index.append(starts + jnp.clip(y, 0, height - 1) * width + jnp.clip(x, 0, width - 1))
+    w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy)
+    weight.append(jnp.where(inside, w, 0.0) * attn)
+  index = jnp.stack(index, 1).reshape(n_levels * 4, b, h, n)
+  weight = jnp.stack(weight, 1).reshape(n_levels * 4, b, h, n)
+
+  @jax.checkpoint
+  def add_chunk(acc, chunk):
+    idx, w = chunk
+    picked = jnp.take_along_axis(table, idx[..., None], axis=2, mode="clip")   # [B,H,Q*P,Dh]
+    part = (picked.astype(jnp.float32) * w[..., None]).reshape(b, h, q, n_points, dh).sum(3)
+    return acc + part, None
+
+  out, _ = jax.lax.scan(add_chunk, jnp.zeros((b, h, q, dh), jnp.float32), (index, weight))
   return out.transpose(0, 2, 1, 3).reshape(b, q, h * dh).astype(value.dtype)
 
 
