@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="scenes larger than the canvas: answer on an overview, masks on full-resolution tiles "
                       "(auto: when the longer side exceeds the canvas)")
   p.add_argument("--overlap", type=int, default=None, help="pixels between neighbouring tiles (default canvas/4)")
+  p.add_argument("--tile-check", action="store_true",
+                 help="tiled: each tile answers the instruction too and one that finds no target stays empty "
+                      "(for semantic instructions, 'all the airplanes'; one generation per tile)")
   p.add_argument("--simplify", type=float, default=0.0, help="polygon simplification tolerance in pixels")
   p.add_argument("--to-wgs84", action="store_true", help="targets.geojson in EPSG:4326 instead of the source CRS")
   p.set_defaults(handler="segearth_jax.segment:cli_main")

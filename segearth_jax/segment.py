@@ -19,7 +19,12 @@ segment_scene (tiling.py for the windows): tiles 'off' answers and segments the 
 [SEG] states on canvas-sized windows of the full-resolution scene (windowed reads, padded with the
 letterbox value at the edge, the same Swin normalisation), blends the logits in the overlaps and writes
 each target window strip by strip: host memory holds one strip of windows, whatever the scene's size.
-'auto' tiles when the scene's longer side exceeds the canvas. Masks are False on nodata pixels. Written:
+'auto' tiles when the scene's longer side exceeds the canvas. ``tile_check``: the mask head, trained on images
+that hold their target, marks the most target-like thing in a window that holds none; with the check each
+window also answers the instruction itself (one generation per window) and a window whose answer has no
+[SEG] contributes NO_TARGET_LOGIT: right for semantic instructions ('all the airplanes'), wrong for ones
+about the whole scene ('the largest aircraft', which every window holding an aircraft affirms; the
+overview's states still choose which one is segmented). Masks are False on nodata pixels. Written:
 mask_{i}.tif (georeferenced input: geo.MaskWriter, the source's CRS and transform) or mask_{i}.png,
 targets.geojson (georeferenced input: one feature per [SEG], polygons made strip by strip in pixel
 coordinates, merged, simplified, then mapped to the CRS), prediction.json, overlay.png (on the overview).
@@ -57,6 +62,9 @@ from segearth_jax.weights import load_run_config, restore_params
 TILES = ("auto", "off", "on")
 LETTERBOX_FILL = 128   # preprocess.swin_image pastes the image on this value: edge windows are padded alike
 NODATA_LOGIT = -np.inf  # logits of nodata pixels: every window agrees, so the blend keeps it and the mask is False
+# a window that answers "no target" (tile_check): strongly negative but finite, so in an overlap the blend
+# still weighs a neighbour that found the target
+NO_TARGET_LOGIT = -20.0
 
 
 @dataclasses.dataclass
@@ -115,7 +123,7 @@ class Segmenter:
   def _run(self, name: str, fn, *args):
     """``fn(*args)`` through an executable compiled once per input shape (kept in ``_compiled``)."""
     key = (name,) + tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args[1:]))
-    with self.setup.mesh, shd.axis_rules():
+    with shd.in_mesh(self.setup.mesh):
       if key not in self._compiled:
         self._compiled[key] = fn.lower(*args).compile()
       return jax.device_get(self._compiled[key](*args))
@@ -166,11 +174,12 @@ class Segmenter:
   # -- large scenes --------------------------------------------------------------------------------
 
   def segment_scene(self, path_or_scene, instruction: str, out_dir: str, *, tiles: str = "auto",
-                    overlap: int | None = None, bands=None, stretch: str = "percentile", simplify: float = 0.0,
-                    to_wgs84: bool = False) -> dict:
+                    overlap: int | None = None, tile_check: bool = False, bands=None,
+                    stretch: str = "percentile", simplify: float = 0.0, to_wgs84: bool = False) -> dict:
     """A scene (a path geo.open_scene reads, or a geo.Scene) -> files in ``out_dir`` (module docstring);
     returns the summary written to prediction.json. ``overlap``: pixels between neighbouring windows
-    (default canvas // 4); ``simplify``: polygon tolerance in pixels."""
+    (default canvas // 4); ``tile_check``: each window answers the instruction too and one that finds no
+    target stays empty (module docstring); ``simplify``: polygon tolerance in pixels."""
     if tiles not in TILES:
       raise UserError(f"--tiles must be one of {', '.join(TILES)}, got {tiles!r}")
     scene = path_or_scene if isinstance(path_or_scene, geo.Scene) else geo.open_scene(
@@ -188,14 +197,14 @@ class Segmenter:
     out = _SceneOutput(scene, n, out_dir, ov_rgb.shape[:2], with_polygons=scene.georeferenced)
     with out:
       if tiled and n:
-        scores = self._tiled_masks(scene, row, n, overlap, out)
+        scores = self._tiled_masks(scene, row, n, overlap, out, instruction if tile_check else None)
       else:
         _upsampled_masks(scene, seg.masks, out)
         scores = seg.scores
     files = out.files
     summary = dict(instruction=instruction, answer=seg.answer, phrases=seg.phrases,
                    scores=[round(float(s), 4) for s in scores], tokens=seg.tokens, tiles="on" if tiled else "off",
-                   overlap=overlap if tiled else None, size=[H, W],
+                   overlap=overlap if tiled else None, tile_check=bool(tile_check) if tiled else None, size=[H, W],
                    crs=scene.crs.to_string() if scene.georeferenced else None)
     if scene.georeferenced:
       features = [dict(geometry=g, phrase=p, index=i, score=s)
@@ -213,9 +222,10 @@ class Segmenter:
       json.dump(summary, f, indent=2)
     return summary
 
-  def _tiled_masks(self, scene, row: dict, n: int, overlap: int, out: "_SceneOutput") -> list[float]:
-    """The mask head on every window with the overview answer's [SEG] states; returns the scores of the
-    full-resolution masks."""
+  def _tiled_masks(self, scene, row: dict, n: int, overlap: int, out: "_SceneOutput",
+                   check: str | None = None) -> list[float]:
+    """The mask head on every window with the overview answer's [SEG] states (``check``: windows whose own
+    answer to that instruction has no [SEG] are empty); returns the scores of the full-resolution masks."""
     M = self.canvas
     windows = tile_windows(scene.height, scene.width, M, overlap)
     by_row: dict[int, list] = {}
@@ -229,7 +239,7 @@ class Segmenter:
         todo = by_row[win[0]]
         for i in range(0, len(todo), self.batch_size):
           cached.update(zip(todo[i:i + self.batch_size], self._window_logits(scene, todo[i:i + self.batch_size],
-                                                                             row, n)))
+                                                                             row, n, check)))
       return cached[win]
 
     prob_sum, count = np.zeros(n), np.zeros(n)
@@ -243,26 +253,29 @@ class Segmenter:
     stitch_rows(windows, logits_of, scene.height, scene.width, n, write_rows)
     return [float(s / c) if c else 0.0 for s, c in zip(prob_sum, count)]
 
-  def _window_logits(self, scene, windows, row: dict, n: int) -> list[np.ndarray]:
+  def _window_logits(self, scene, windows, row: dict, n: int, check: str | None = None) -> list[np.ndarray]:
     """float32 [n, h, w] per window: the mask logits of the first n [SEG] slots (NODATA_LOGIT on invalid
-    pixels)."""
+    pixels). ``check``: the instruction, answered on each window first; a window whose own answer has no
+    [SEG] gets NO_TARGET_LOGIT everywhere."""
     M = self.canvas
     rows = -(-len(windows) // self.devices) * self.devices
-    images = np.zeros((rows, M, M, 3), np.float32)
-    valids = []
-    for i, (r0, c0, h, w) in enumerate(windows):
+    canvases, valids = [], []
+    for r0, c0, h, w in windows:
       rgb, valid = scene.read((r0, c0, h, w))
       canvas = np.full((M, M, 3), LETTERBOX_FILL, np.uint8)
       canvas[:h, :w] = rgb
-      images[i] = swin_image(canvas, M)[0]
+      canvases.append(canvas)
       valids.append(valid)
-    images[len(windows):] = images[0]   # padding rows, dropped
+    images = np.stack([swin_image(c, M)[0] for c in canvases + [canvases[0]] * (rows - len(windows))])  # padded
     hidden = np.broadcast_to(row["seg_hidden"][None], (rows,) + row["seg_hidden"].shape)
     seg_valid = np.broadcast_to(row["seg_valid"][None], (rows,) + row["seg_valid"].shape)
-    host = dict(swin_image=images, seg_hidden=np.ascontiguousarray(hidden),
-                seg_valid=np.ascontiguousarray(seg_valid))
+    host = dict(swin_image=images, seg_hidden=np.ascontiguousarray(hidden), seg_valid=np.ascontiguousarray(seg_valid))
     g = global_batch(host, self.setup.batch_sharding)
     logits = self._run("tile", self._tile_logits, self.params, g["swin_image"], g["seg_hidden"], g["seg_valid"])
+    if check is not None:
+      answers = self._answer([(c, np.ones((M, M), bool), check) for c in canvases])
+      found = np.array([len(seg.masks) > 0 for seg, _ in answers] + [True] * (rows - len(windows)))
+      logits = np.where(found[:, None, None, None], logits, np.float32(NO_TARGET_LOGIT))
     out = []
     for i, ((_, _, h, w), valid) in enumerate(zip(windows, valids)):
       win = logits[i, :n, :h, :w]
@@ -443,7 +456,8 @@ def cli_main(args) -> int:
                      overlay=overlay)
   for i, path, instruction, scene in scenes:
     summary = segmenter.segment_scene(scene, instruction, out_dir(i, path), tiles=args.tiles,
-                                      overlap=args.overlap, simplify=args.simplify, to_wgs84=args.to_wgs84)
+                                      overlap=args.overlap, tile_check=args.tile_check, simplify=args.simplify,
+                                      to_wgs84=args.to_wgs84)
     done[i] = dict(image=path, instruction=instruction, answer=summary["answer"], masks=len(summary["phrases"]),
                    tiles=summary["tiles"], overlay=os.path.join(out_dir(i, path), "overlay.png"))
   for i in sorted(done):

@@ -106,13 +106,16 @@ def test_batch_of_five_pads_and_compiles_once_per_shape(segmenter):
 
 def test_tiling_a_canvas_sized_scene_is_the_whole_image_path(segmenter, tmp_path):
   """One window covering the whole canvas-sized scene: the tiled mask head sees exactly the image the answer
-  saw, so tiled masks equal the untiled ones."""
+  saw, so tiled masks equal the untiled ones; tile_check answers on that window what the overview answered,
+  so it keeps them."""
   image = _images()[3][:CANVAS, :CANVAS]
   want = segmenter(image, "all the roads")
   got = segmenter.segment_scene(image, "all the roads", str(tmp_path / "on"), tiles="on")
+  checked = segmenter.segment_scene(image, "all the roads", str(tmp_path / "checked"), tiles="on", tile_check=True)
   off = segmenter.segment_scene(image, "all the roads", str(tmp_path / "off"), tiles="off")
-  assert got["tiles"] == "on" and off["tiles"] == "off" and got["answer"] == want.answer
-  for summary in (got, off):
+  assert got["tiles"] == checked["tiles"] == "on" and off["tiles"] == "off" and got["answer"] == want.answer
+  assert got["tile_check"] is False and checked["tile_check"] is True and off["tile_check"] is None
+  for summary in (got, checked, off):
     masks = [rle.decode(r) for r in summary["masks"]]
     assert len(masks) == len(want.masks)
     for m, w in zip(masks, want.masks):
