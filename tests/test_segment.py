@@ -124,6 +124,31 @@ def test_tiling_a_canvas_sized_scene_is_the_whole_image_path(segmenter, tmp_path
     assert all(os.path.exists(f) for f in summary["files"])
 
 
+def test_tile_check_empties_the_windows_that_answer_no_target(segmenter, tmp_path, monkeypatch):
+  """Two side-by-side windows (overlap 0): when the right one's own answer has no [SEG], its half of every
+  mask is empty and the left half is the unchecked tiled mask."""
+  from segearth_jax.segment import Segmentation
+
+  image = np.concatenate([_images()[3][:CANVAS, :CANVAS]] * 2, axis=1)          # 64 x 128: two windows
+  plain = segmenter.segment_scene(image, "all the roads", str(tmp_path / "plain"), tiles="on", overlap=0)
+  real = segmenter._answer
+
+  def right_window_finds_nothing(rows):
+    out = real(rows)
+    if len(rows) == 2:   # the check of the two windows (the overview is one row)
+      out[1] = (Segmentation(answer="no road", phrases=[], masks=[], scores=[], rles=[], tokens=[]), out[1][1])
+    return out
+
+  monkeypatch.setattr(segmenter, "_answer", right_window_finds_nothing)
+  checked = segmenter.segment_scene(image, "all the roads", str(tmp_path / "checked"), tiles="on", overlap=0,
+                                    tile_check=True)
+  assert checked["answer"] == plain["answer"] and len(checked["masks"]) == len(plain["masks"]) > 0
+  for want, got in zip(plain["masks"], checked["masks"]):
+    want, got = rle.decode(want), rle.decode(got)
+    assert want[:, CANVAS:].any() and not got[:, CANVAS:].any()
+    np.testing.assert_array_equal(got[:, :CANVAS], want[:, :CANVAS])
+
+
 def _write_utm_geotiff(path, height=150, width=200):
   """uint16, 4 bands (B, G, R, NIR as colour interpretation says), nodata 0 in a corner block; UTM 32N."""
   import rasterio
