@@ -192,7 +192,7 @@ def test_head_matches_hf_and_runs_sharded(imported):
   p_sh = sharding.logical_shardings(boxed, mesh)
   in_sh = (p_sh, sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 3),
            sharding.batch_sharding(mesh, 2))
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with sharding.in_mesh(mesh):
     args = [jax.device_put(x, s) for x, s in zip((params, img, q, valid), in_sh)]
     out = jax.jit(fwd, in_shardings=in_sh)(*args)
   assert len(out.sharding.device_set) == 8

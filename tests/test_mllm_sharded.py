@@ -59,7 +59,7 @@ def test_sharded_forward_loss_and_grads_equal_unsharded():
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   p_shard = sharding.logical_shardings(boxed, mesh)
   b_shard = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with sharding.in_mesh(mesh):
     sp = jax.device_put(params, p_shard)
     sb = jax.device_put(batch, b_shard)
     sstep = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(p_shard, b_shard),

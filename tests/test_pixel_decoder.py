@@ -202,7 +202,7 @@ def test_sharded_equals_unsharded(mesh_kw):
   boxed = jax.eval_shape(lambda: mod.init(jax.random.key(0), feats))
   p_shard = sharding.logical_shardings(boxed, mesh)["params"]
   f_shard = [sharding.batch_sharding(mesh, 4) for _ in feats]
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with sharding.in_mesh(mesh):
     fn = jax.jit(lambda p, f: mod.apply({"params": p}, f), in_shardings=(p_shard, f_shard))
     got = fn(jax.device_put(params, p_shard), [jax.device_put(f, s) for f, s in zip(feats, f_shard)])
   assert len(got[0].sharding.device_set) == 8

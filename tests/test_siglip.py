@@ -153,7 +153,7 @@ def test_sharded_jit_equals_unsharded():
   assert tuple(q_spec) == (None, "fsdp", "tensor"), q_spec  # (layers, embed, heads)
   placed = jax.device_put(params, shard)
   remat = SiglipVisionTower(cfg, remat_policy="nothing_saveable")  # same params, rematerialised layers
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with sharding.in_mesh(mesh):
     out = jax.jit(remat.apply)(placed, jax.device_put(pix, sharding.batch_sharding(mesh, 4)))
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
   assert float(jnp.abs(ref).max()) > 0.1

@@ -230,7 +230,7 @@ def test_sharded_equals_unsharded(m2f, m2f_ours):
                                                    is_leaf=lambda b: isinstance(b, nn.Partitioned)))
            for n in ([s] if isinstance(s, str) else s)}
   assert names <= set(sharding.AXIS_NAMES) and "head_embed" in names and "layers" in names
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with sharding.in_mesh(mesh):
     p = jax.device_put(params, shard)
     xs = jax.device_put(x, sharding.batch_sharding(mesh, 4))
     got = jax.jit(model.apply)({"params": p}, xs)
